@@ -1,0 +1,36 @@
+"""ztun: an embeddable zero-trust tunnel.
+
+``from ztun import Tunnel`` gives a Python program mutual-TLS 1.3 tunnels authenticated
+with SPIFFE identities and authorized by Istio-style L4 policy, carried by a C engine
+that runs in its own threads without the GIL.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ztun._version import __version__
+from ztun.errors import (
+    BpfError,
+    ConfigError,
+    ConnectError,
+    EngineError,
+    IdentityError,
+    PolicyError,
+    SpiffeIdError,
+    ZtunError,
+)
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "BpfError",
+    "ConfigError",
+    "ConnectError",
+    "EngineError",
+    "IdentityError",
+    "PolicyError",
+    "SpiffeIdError",
+    "ZtunError",
+    "__version__",
+]

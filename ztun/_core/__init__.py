@@ -1,0 +1,1 @@
+"""The compiled boundary to the C core. Internal: use :mod:`ztun` instead."""
