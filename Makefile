@@ -4,7 +4,6 @@
 
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
-QUIET_PIP := 2>&1 | grep -v "^WARNING: Location" || true
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
