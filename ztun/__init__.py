@@ -20,6 +20,7 @@ from ztun.errors import (
     SpiffeIdError,
     ZtunError,
 )
+from ztun.tunnel import Forward, Listener, Tunnel, TunnelStats
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -28,9 +29,13 @@ __all__ = [
     "ConfigError",
     "ConnectError",
     "EngineError",
+    "Forward",
     "IdentityError",
+    "Listener",
     "PolicyError",
     "SpiffeIdError",
+    "Tunnel",
+    "TunnelStats",
     "ZtunError",
     "__version__",
 ]
