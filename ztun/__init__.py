@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from ztun._version import __version__
+from ztun.ca import CaIdentitySource, CertificateAuthority
 from ztun.errors import (
     BpfError,
     ConfigError,
@@ -20,17 +21,41 @@ from ztun.errors import (
     SpiffeIdError,
     ZtunError,
 )
+from ztun.identity import (
+    FileIdentitySource,
+    IdentitySource,
+    SpiffeId,
+    Svid,
+    TrustBundle,
+    TrustDomain,
+    verify_svid,
+)
+from ztun.rotation import IdentityManager, IdentityState, IdentityStatus
+from ztun.spire import WorkloadApiSource
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "BpfError",
+    "CaIdentitySource",
+    "CertificateAuthority",
     "ConfigError",
     "ConnectError",
     "EngineError",
+    "FileIdentitySource",
     "IdentityError",
+    "IdentityManager",
+    "IdentitySource",
+    "IdentityState",
+    "IdentityStatus",
     "PolicyError",
+    "SpiffeId",
     "SpiffeIdError",
+    "Svid",
+    "TrustBundle",
+    "TrustDomain",
+    "WorkloadApiSource",
     "ZtunError",
     "__version__",
+    "verify_svid",
 ]

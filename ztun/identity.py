@@ -436,7 +436,9 @@ class TrustBundle:
 
     def __init__(
         self,
-        roots: Mapping[str | TrustDomain, Iterable[x509.Certificate]] | None = None,
+        roots: Mapping[str, Iterable[x509.Certificate]]
+        | Mapping[TrustDomain, Iterable[x509.Certificate]]
+        | None = None,
     ) -> None:
         self._roots: dict[str, tuple[x509.Certificate, ...]] = {}
         for td, certs in (roots or {}).items():
@@ -474,7 +476,7 @@ class TrustBundle:
     @classmethod
     def from_pem(cls, trust_domain: str | TrustDomain, pem: bytes) -> TrustBundle:
         certs = _load_certs(pem, f"trust bundle for {_td_name(trust_domain)!r}")
-        return cls({trust_domain: certs})
+        return cls().add(trust_domain, certs)
 
     @classmethod
     def from_file(
