@@ -244,6 +244,9 @@ class SpiffeId:
         cls, trust_domain: str | TrustDomain, namespace: str, service_account: str
     ) -> SpiffeId:
         """``spiffe://<td>/ns/<namespace>/sa/<service_account>`` (Istio's identity shape)."""
+        for what, seg in (("namespace", namespace), ("service account", service_account)):
+            if not isinstance(seg, str) or not seg or "/" in seg:
+                raise SpiffeIdError(f"invalid {what} {seg!r}: must be one non-empty path segment")
         return cls.parse(f"{SCHEME}{_td_name(trust_domain)}/ns/{namespace}/sa/{service_account}")
 
     @property
