@@ -19,6 +19,11 @@ Rules followed:
   window; signing certificates are CA:TRUE (with keyCertSign when key usage is present),
   path length and URI name constraints are honoured, and unknown critical extensions are
   refused, as OpenSSL does.
+
+Failure reasons (``SvidError.reason``; the engine's log lines and counters use the same):
+``expired``, ``not_yet_valid``, ``unknown_ca``, ``other_trust_domain``, ``no_uri_san``,
+``multiple_uri_sans``, ``non_spiffe_uri``, ``unexpected_spiffe_id``, ``leaf_is_ca``,
+``bad_key_usage``, plus ``malformed`` and ``key_mismatch`` for unusable input.
 """
 
 from __future__ import annotations

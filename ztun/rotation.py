@@ -402,7 +402,10 @@ class IdentityManager:
 
     def renew_now(self, spiffe_id: SpiffeId | str | None = None) -> None:
         """Fetch ``spiffe_id`` (default: all) now. Lock-free and async-signal-safe."""
-        self._forced.append(None if spiffe_id is None else SpiffeId.parse(spiffe_id))
+        sid = None if spiffe_id is None else SpiffeId.parse(spiffe_id)
+        if sid is not None and sid not in self._schedule.ids:
+            raise IdentityError(f"{sid} is not managed here")
+        self._forced.append(sid)
         self._wake()
 
     def install_signal_handler(self, signum: int = signal.SIGHUP) -> None:

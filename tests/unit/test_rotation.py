@@ -384,3 +384,10 @@ def test_wait_ready_names_what_is_missing(tmp_path: Path) -> None:
     mgr.close()
     with pytest.raises(IdentityError, match=r"closed"):
         mgr.start()
+
+
+def test_renew_now_refuses_unknown_ids(ca: SpiffeCA) -> None:
+    mgr = IdentityManager(ScriptedSource(ca, FakeClock()), [WEB])
+    with pytest.raises(IdentityError, match=r"not managed here"):
+        mgr.renew_now(DB)
+    mgr.close()
