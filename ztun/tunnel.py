@@ -22,12 +22,12 @@ import logging
 import select
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ztun._core import _engine
-from ztun.errors import EngineError, ZtunError
+from ztun.errors import EngineError, IdentityError, ZtunError
 from ztun.events import (
     ConnectionEvent,
     EngineLog,
@@ -36,9 +36,12 @@ from ztun.events import (
     engine_logger,
     parse_event,
 )
+from ztun.identity import IdentitySource, SpiffeId, Svid, TrustBundle
 
 if TYPE_CHECKING:
     from types import TracebackType
+
+    from ztun.rotation import IdentityManager
 
 __all__ = ["Forward", "Listener", "Tunnel", "TunnelStats"]
 
@@ -46,17 +49,6 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 EventCallback = Callable[[ConnectionEvent], None]
-
-
-class _SvidLike(Protocol):
-    def chain_pem(self) -> bytes: ...
-    def key_pem(self) -> bytes: ...
-
-
-class _BundleLike(Protocol):
-    @property
-    def trust_domains(self) -> Iterable[str]: ...
-    def pem(self, trust_domain: str) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +163,15 @@ class Tunnel:
     """An embeddable zero-trust tunnel.
 
     Parameters (all keyword-only):
-        identity: this tunnel's SPIFFE SVID (certificate chain and key). Required for
-            mutual TLS; without it only plaintext forwards are possible.
-        trust: the trust bundle (roots per trust domain) peers are verified against.
+        identity: this tunnel's identity, for mutual TLS. Either an :class:`~ztun.Svid`
+            (certificate chain and key, used as is) with ``trust``, or an
+            :class:`~ztun.IdentitySource` (the embedded CA, files, the SPIFFE Workload
+            API) with ``spiffe_id``: the tunnel then renews the certificate at half its
+            lifetime and new handshakes use the new one. Without an identity only
+            plaintext forwards are possible.
+        trust: the trust bundle peers are verified against (with an ``Svid``; a source
+            brings its own).
+        spiffe_id: which identity to fetch from an ``IdentitySource``.
         workers: engine threads; 0 means one per CPU.
         connect_timeout / handshake_timeout / idle_timeout: seconds (idle: None = never).
         resumption: let TLS 1.3 clients resume sessions (saves the certificate work of
@@ -185,8 +183,9 @@ class Tunnel:
     def __init__(
         self,
         *,
-        identity: _SvidLike | None = None,
-        trust: _BundleLike | None = None,
+        identity: Svid | IdentitySource | None = None,
+        trust: TrustBundle | None = None,
+        spiffe_id: str | SpiffeId | None = None,
         workers: int = 0,
         connect_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
@@ -197,9 +196,25 @@ class Tunnel:
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:
             raise ValueError(f"workers: expected 0 (one per CPU) to 256, got {workers!r}")
-        if (identity is None) != (trust is None):
-            missing = "trust" if trust is None else "identity"
-            raise ValueError(f"{missing}: identity and trust must be given together")
+        self._source: IdentitySource | None = None
+        self._spiffe_id: SpiffeId | None = None
+        self._manager: IdentityManager | None = None
+        if isinstance(identity, Svid):
+            if trust is None:
+                raise ValueError("trust: an Svid identity needs a TrustBundle to verify peers")
+            if spiffe_id is not None and SpiffeId.parse(spiffe_id) != identity.spiffe_id:
+                raise ValueError(f"spiffe_id: {spiffe_id} is not the Svid's {identity.spiffe_id}")
+        elif identity is not None:
+            if not all(hasattr(identity, m) for m in ("fetch", "bundle", "poll")):
+                kind = type(identity).__name__
+                raise ValueError(f"identity: expected an Svid or an IdentitySource, got {kind}")
+            if spiffe_id is None:
+                raise ValueError("spiffe_id: required to fetch an identity from a source")
+            self._source = identity
+            self._spiffe_id = SpiffeId.parse(spiffe_id)
+            identity = None
+        elif trust is not None:
+            raise ValueError("identity: a trust bundle was given without an identity")
         self._connect_ms = _positive(connect_timeout, "connect_timeout")
         self._handshake_ms = _positive(handshake_timeout, "handshake_timeout")
         self._idle_ms = _positive(idle_timeout, "idle_timeout")
@@ -227,12 +242,25 @@ class Tunnel:
         return self._engine is not None
 
     def start(self) -> Tunnel:
-        """Start the engine's workers (and the event thread). Idempotent."""
+        """Start the engine's workers (and the event thread). Idempotent.
+
+        With an identity source, waits until the first certificate is there.
+        """
         with self._lock:
             if self._closed:
                 raise ZtunError("this Tunnel is closed; create a new one")
             if self._engine is not None:
                 return self
+            need_manager = self._source is not None and self._manager is None
+        # Outside the lock: the rotation thread delivers the first certificate
+        # through set_identity(), which takes it.
+        if need_manager:
+            self._start_manager()
+        with self._lock:
+            if self._engine is not None:
+                return self
+            if self._tls is None and self._identity is not None:
+                self._tls = self._make_tls(self._identity, self._trust)
             engine = _engine.Engine(
                 workers=self._workers,
                 connect_timeout_ms=self._connect_ms,
@@ -241,8 +269,6 @@ class Tunnel:
             )
             engine.start()
             self._engine = engine
-            if self._identity is not None:
-                self._tls = self._make_tls(self._identity)
             log.debug("tunnel started with %d workers", engine.workers)
         return self
 
@@ -255,6 +281,8 @@ class Tunnel:
             engine = self._engine
         if engine is None:
             return
+        if self._manager is not None:
+            self._manager.stop()
         engine.stop(round(drain * 1000) if drain > 0 else 0)
         self._stop_pump()
         self._drain_events()
@@ -308,28 +336,57 @@ class Tunnel:
 
     # ---- TLS -------------------------------------------------------------
 
-    def _make_tls(self, identity: _SvidLike) -> _engine.TlsContext:
-        assert self._trust is not None
-        trust = {td: self._trust.pem(td) for td in self._trust.trust_domains}
+    def _make_tls(self, identity: Svid, trust: TrustBundle | None) -> _engine.TlsContext:
+        assert trust is not None
+        roots = {td: trust.pem(td) for td in trust.trust_domains}
         try:
             return _engine.TlsContext(
-                identity.chain_pem(), identity.key_pem(), trust, flags=self._tls_flags
+                identity.chain_pem(), identity.key_pem(), roots, flags=self._tls_flags
             )
         except EngineError as e:
-            raise ValueError(f"identity: {e}") from None
+            raise IdentityError(f"identity {identity.spiffe_id}: {e}") from None
+
+    def _start_manager(self) -> None:
+        from ztun.rotation import IdentityManager
+
+        assert self._source is not None and self._spiffe_id is not None
+        self._manager = IdentityManager(
+            self._source, [self._spiffe_id], on_update=self._on_identity_update
+        )
+        self._manager.start()
+        try:
+            self._manager.wait_ready()
+        except BaseException:
+            self._manager.stop()
+            raise
+
+    def _on_identity_update(self, spiffe_id: SpiffeId, svid: Svid, bundle: TrustBundle) -> None:
+        # Runs on the rotation thread; raising makes the manager retry with backoff.
+        self.set_identity(svid, bundle)
 
     @property
     def identity(self) -> str | None:
         """This tunnel's own SPIFFE ID, when it has an identity."""
-        return self._tls.identity if self._tls is not None else None
+        if self._tls is not None:
+            return self._tls.identity
+        return str(self._spiffe_id) if self._spiffe_id is not None else None
 
-    def set_identity(self, identity: _SvidLike) -> None:
-        """Use a new certificate for new handshakes (rotation); live connections keep theirs."""
-        engine = self._require_engine()
-        tls = self._make_tls(identity)
+    @property
+    def certificate(self) -> Svid | None:
+        """The certificate new handshakes use."""
+        return self._identity
+
+    def set_identity(self, identity: Svid, trust: TrustBundle | None = None) -> None:
+        """Use a new certificate (and bundle) for new handshakes; live connections keep theirs."""
+        tls = self._make_tls(identity, trust or self._trust)
         with self._lock:
             self._identity = identity
+            if trust is not None:
+                self._trust = trust
             self._tls = tls
+            engine = self._engine
+            if engine is None:
+                return
             for ep in self._endpoints.values():
                 if isinstance(ep, Listener) or (isinstance(ep, Forward) and ep.secure):
                     engine.set_listener_tls(ep.id, tls)
@@ -360,11 +417,11 @@ class Tunnel:
             ids = tuple(self._check_spiffe(s, "expect") for s in expect)
             if not ids:
                 raise ValueError("expect: at least one SPIFFE ID is required for mTLS")
-            if self._identity is None:
+            if not self._has_identity:
                 raise ValueError("expect: mutual TLS needs Tunnel(identity=..., trust=...)")
             if plaintext:
                 raise ValueError("plaintext: cannot be combined with expect")
-        elif self._identity is not None and not plaintext:
+        elif self._has_identity and not plaintext:
             raise ValueError(
                 "expect: this tunnel has an identity, so forwards use mTLS: pass the server's "
                 "SPIFFE IDs in expect=[...] (or plaintext=True for a plaintext forward)"
@@ -390,7 +447,7 @@ class Tunnel:
         """
         listen = _check_address(listen, "listen", allow_port_zero=True)
         to = _check_address(to, "to", allow_port_zero=False)
-        if self._identity is None:
+        if not self._has_identity:
             raise ValueError("identity: listen() terminates mTLS and needs Tunnel(identity=...)")
         engine = self._require_engine()
         lid, bound = engine.add_listener(_engine.MODE_TLS_IN, listen, to, tls=self._tls)
@@ -408,17 +465,20 @@ class Tunnel:
             with contextlib.suppress(EngineError):
                 engine.remove_listener(ep.id)
 
+    @property
+    def _has_identity(self) -> bool:
+        return self._identity is not None or self._source is not None
+
     @staticmethod
     def _check_spiffe(value: object, name: str) -> str:
+        if isinstance(value, SpiffeId):
+            return str(value)
         if not isinstance(value, str):
             raise ValueError(f"{name}: expected SPIFFE ID strings, got {value!r}")
         try:
-            from ztun.identity import SpiffeId
-        except ImportError:  # identity layer not built in
-            if not value.startswith("spiffe://"):
-                raise ValueError(f"{name}: {value!r} is not a spiffe:// ID") from None
-            return value
-        return str(SpiffeId.parse(value))
+            return str(SpiffeId.parse(value))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
 
     # ---- counters and events --------------------------------------------
 

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -849,6 +850,17 @@ static int begin_tls(struct zworker *w, struct zflow *f, int side)
 	pthread_mutex_lock(&l->tls_lock);
 	f->tls = ztun_tls_ctx_ref(l->tls);
 	pthread_mutex_unlock(&l->tls_lock);
+	if ((int64_t)(ztun_now_real() / 1000000000ull) >= f->tls->not_after) {
+		/* Never present an expired certificate: peers would refuse it anyway, and
+		 * this says why on our side. */
+		char msg[300];
+
+		snprintf(msg, sizeof(msg), "own certificate for %s has expired; no renewal arrived",
+			 f->tls->identity);
+		set_detail(f, msg);
+		zworker_emit_log(w, ZTUN_LOG_ERROR, "conn %llu: %s", (unsigned long long)f->id, msg);
+		return ZTUN_ETLS;
+	}
 	ep->ssl = ztls_new(f->tls, ep->fd, f->hs,
 			   l->mode == ZTUN_MODE_HBONE_OUT ? "h2" : NULL);
 	if (!ep->ssl)

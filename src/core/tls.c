@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -536,6 +537,15 @@ int ztun_tls_ctx_new(const struct ztun_tls_config *cfg, ztun_tls_ctx **out, char
 		goto fail;
 	c->identity = strdup(id);
 	c->trust_domain = strndup(td, td_len);
+	{
+		struct tm tm;
+
+		if (!ASN1_TIME_to_tm(X509_get0_notAfter(leaf), &tm)) {
+			set_err(err, errlen, "own certificate: unreadable notAfter");
+			goto fail;
+		}
+		c->not_after = (int64_t)timegm(&tm);
+	}
 	rc = load_roots(c, cfg, err, errlen);
 	if (rc)
 		goto fail;

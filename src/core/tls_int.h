@@ -21,6 +21,7 @@ struct ztun_tls_ctx {
 	uint32_t flags;
 	char *identity;     /* our own SPIFFE ID */
 	char *trust_domain; /* our own trust domain */
+	int64_t not_after;  /* our certificate's expiry (Unix seconds) */
 	int nroots;
 	struct ztls_root *roots;
 };
