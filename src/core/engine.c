@@ -20,6 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <sys/random.h>
+
+#include "conn.h"
 #include "engine_int.h"
 #include "tls_int.h"
 
@@ -94,6 +97,8 @@ void zlistener_put(struct zlistener *l)
 	ztun_tls_ctx_free(l->tls);
 	ztls_expect_put(l->expect);
 	ztls_slot_destroy(&l->slot);
+	free(l->baggage);
+	free(l->workload_ips);
 	pthread_mutex_destroy(&l->tls_lock);
 	free(l);
 }
@@ -380,6 +385,7 @@ static void worker_tick(struct zworker *w)
 			worker_arm_listener(w, w->listeners[i]);
 	}
 	zflow_tick(w);
+	zh2_tick(w);
 	if (w->nflows == 0)
 		zpool_trim(&w->pool);
 }
@@ -407,24 +413,38 @@ static void *worker_main(void *arg)
 			case TAG_CMD:
 				worker_run_cmds(w);
 				break;
+			case TAG_H2:
+				zh2_on_event(w, tag, evs[i].events);
+				break;
 			default:
 				zflow_on_event(w, tag, evs[i].events);
 				break;
 			}
 		}
 		zflow_run_again(w);
+		zh2_flush_dirty(w);
 		zflow_reap(w);
+		zh2_reap(w);
 		if (w->now >= w->next_tick) {
 			w->next_tick = w->now + TICK_NS;
 			worker_tick(w);
+			zh2_flush_dirty(w);
 			zflow_reap(w);
+			zh2_reap(w);
 		}
 		if (w->stopping) {
-			if (w->nflows == 0)
+			if (w->stopping == 1) {
+				/* First pass after the stop command: GOAWAY on every HTTP/2 connection. */
+				w->stopping = 2;
+				zh2_shutdown_all(w, 1);
+			}
+			if (w->nflows == 0 && zh2_count(w) == 0)
 				break;
 			if (w->now >= w->drain_deadline) {
+				zh2_shutdown_all(w, 0);
 				zflow_shutdown_all(w, ZTUN_CLOSE_SHUTDOWN);
 				zflow_reap(w);
+				zh2_reap(w);
 				break;
 			}
 		}
@@ -451,6 +471,16 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->pending);
 	zlist_init(&w->again);
 	zlist_init(&w->zombies);
+	zlist_init(&w->h2s);
+	zlist_init(&w->h2dirty);
+	zlist_init(&w->h2zombies);
+	w->scratch = malloc(64 * 1024);
+	if (!w->scratch)
+		return ZTUN_ENOMEM;
+	if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || (!w->rng[0] && !w->rng[1])) {
+		w->rng[0] = ztun_now_precise() ^ (uint64_t)(uintptr_t)w;
+		w->rng[1] = 0x9e3779b97f4a7c15ull;
+	}
 	zpool_init(&w->pool, e->cfg.buf_small, e->cfg.buf_large);
 	rc = zring_init(&w->ring, e->cfg.event_ring_bytes);
 	if (rc)
@@ -486,6 +516,7 @@ static void worker_destroy(struct zworker *w)
 	zpolicy_put(w->policy);
 	zpool_destroy(&w->pool);
 	zpipe_pool_destroy(w);
+	free(w->scratch);
 	zring_destroy(&w->ring);
 	if (w->epfd >= 0)
 		close(w->epfd);
@@ -667,7 +698,8 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->upstream_len == 0 &&
 	    !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
 		return ZTUN_EINVAL;
-	if (spec->nexpect < 0 || (spec->nexpect > 0 && !spec->expect))
+	if (spec->nexpect < 0 || (spec->nexpect > 0 && !spec->expect) || spec->nworkload_ips < 0 ||
+	    (spec->nworkload_ips > 0 && !spec->workload_ips))
 		return ZTUN_EINVAL;
 	if (spec->fd >= 0) {
 		fd = fcntl(spec->fd, F_DUPFD_CLOEXEC, 0);
@@ -704,6 +736,19 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 			zlistener_put(l);
 			return ZTUN_ENOMEM;
 		}
+	}
+	if (spec->baggage && !(l->baggage = strdup(spec->baggage))) {
+		zlistener_put(l);
+		return ZTUN_ENOMEM;
+	}
+	if (spec->nworkload_ips > 0) {
+		l->workload_ips = malloc((size_t)spec->nworkload_ips * 16);
+		if (!l->workload_ips) {
+			zlistener_put(l);
+			return ZTUN_ENOMEM;
+		}
+		memcpy(l->workload_ips, spec->workload_ips, (size_t)spec->nworkload_ips * 16);
+		l->nworkload_ips = (uint32_t)spec->nworkload_ips;
 	}
 	l->local_len = sizeof(l->local);
 	getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
@@ -854,9 +899,17 @@ int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out)
 		out->events_dropped += RD(e->workers[i].ring.dropped);
 		out->buffers_in_use += RD(e->workers[i].pool.in_use);
 		out->buffer_bytes += RD(e->workers[i].pool.bytes);
+		for (int k = 0; k < 5; k++)
+			out->hbone_status[k] += RD(s->hbone_status[k]);
+		out->hbone_protocol_errors += RD(s->hbone_protocol_errors);
+		out->h2_opened += RD(s->h2_opened);
+		out->h2_closed += RD(s->h2_closed);
+		for (int r = 0; r < ZTUN_CLOSE__COUNT; r++)
+			out->h2_close_reason[r] += RD(s->h2_reason[r]);
 #undef RD
 	}
 	out->conns_active = out->conns_opened - out->conns_closed;
+	out->h2_active = out->h2_opened - out->h2_closed;
 	for (int r = 0; r < ZTUN_CLOSE__COUNT; r++) {
 		if (r != ZTUN_CLOSE_OK && r != ZTUN_CLOSE_RESET_DOWN && r != ZTUN_CLOSE_RESET_UP)
 			out->conns_failed += out->close_reason[r];

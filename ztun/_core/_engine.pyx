@@ -210,6 +210,17 @@ cdef dict _stats_dict(const cztun.ztun_stats *s):
         "events_dropped": s.events_dropped,
         "buffers_in_use": s.buffers_in_use,
         "buffer_bytes": s.buffer_bytes,
+        "hbone_status": {
+            200: s.hbone_status[0], 400: s.hbone_status[1], 401: s.hbone_status[2],
+            503: s.hbone_status[3], "other": s.hbone_status[4],
+        },
+        "hbone_protocol_errors": s.hbone_protocol_errors,
+        "hbone_connections_opened": s.h2_opened,
+        "hbone_connections_closed": s.h2_closed,
+        "hbone_connections_active": s.h2_active,
+        "hbone_close_reasons": {
+            CLOSE_REASONS[i]: s.h2_close_reason[i] for i in range(cztun.ZTUN_CLOSE__COUNT)
+        },
     }
 
 
@@ -221,10 +232,12 @@ cdef object _parse_event(const char *p):
     if h.type == cztun.ZTUN_EV_CONN_OPEN or h.type == cztun.ZTUN_EV_CONN_CLOSE:
         c = <const cztun.ztun_event_conn *>p
         tail = p + sizeof(cztun.ztun_event_conn)
-        peer = tail[:c.peer_id_len].decode(errors="replace")
-        detail = tail[c.peer_id_len:c.peer_id_len + c.detail_len].decode(errors="replace")
-        local = tail[c.peer_id_len + c.detail_len:
-                     c.peer_id_len + c.detail_len + c.local_id_len].decode(errors="replace")
+        off = 0
+        strs = []
+        for n in (c.peer_id_len, c.detail_len, c.local_id_len, c.trace_len, c.baggage_len):
+            strs.append(tail[off:off + n].decode(errors="replace") if n else "")
+            off += n
+        peer, detail, local, trace, baggage = strs
         return {
             "type": "open" if h.type == cztun.ZTUN_EV_CONN_OPEN else "close",
             "worker": h.worker,
@@ -242,6 +255,10 @@ cdef object _parse_event(const char *p):
             "bytes_up_down": c.bytes_up_down,
             "src": _from_sockaddr(&c.src),
             "dst": _from_sockaddr(&c.dst),
+            "target": _from_sockaddr(&c.target),
+            "request_id": c.request_id,
+            "trace": trace or None,
+            "baggage": baggage or None,
             "peer_id": peer or None,
             "local_id": local or None,
             "detail": detail or None,
@@ -335,7 +352,8 @@ cdef class Engine:
 
     def add_listener(self, int mode, object bind=None, object upstream=None, *,
                      TlsContext tls=None, int fd=-1, object expect=(), uint32_t flags=0,
-                     int32_t workload=-1, object target=None, int backlog=0):
+                     int32_t workload=-1, object target=None, int backlog=0,
+                     object baggage=None, object workload_ips=()):
         """Open a listener; returns (listener id, bound (host, port))."""
         cdef cztun.ztun_listener_spec spec
         cdef uint32_t lid = 0
@@ -343,6 +361,10 @@ cdef class Engine:
         cdef socklen_t bound_len = sizeof(sockaddr_storage)
         cdef int rc, i, n
         cdef const char **ids = NULL
+        cdef bytes bag
+        cdef bytes ips16 = b"".join(
+            ipaddress.IPv6Address(f"::ffff:{ip}").packed if ipaddress.ip_address(ip).version == 4
+            else ipaddress.ip_address(ip).packed for ip in workload_ips)
         self._alive()
         memset(&spec, 0, sizeof(spec))
         spec.mode = mode
@@ -370,6 +392,12 @@ cdef class Engine:
                 ids[i] = encoded[i]
         spec.expect = ids
         spec.nexpect = n
+        if baggage is not None:
+            bag = baggage.encode()
+            spec.baggage = bag
+        if ips16:
+            spec.workload_ips = <const unsigned char (*)[16]><const char *>ips16
+            spec.nworkload_ips = len(ips16) // 16
         try:
             with nogil:
                 rc = cztun.ztun_engine_add_listener(self._e, &spec, &lid, &bound, &bound_len)

@@ -86,6 +86,9 @@ cdef extern from "ztun/engine.h" nogil:
         socklen_t target_len
         const char *const *expect
         int nexpect
+        const char *baggage
+        const unsigned char (*workload_ips)[16]
+        int nworkload_ips
 
     struct ztun_stats:
         uint64_t bytes_down_up
@@ -103,6 +106,12 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t events_dropped
         uint64_t buffers_in_use
         uint64_t buffer_bytes
+        uint64_t hbone_status[5]
+        uint64_t hbone_protocol_errors
+        uint64_t h2_opened
+        uint64_t h2_closed
+        uint64_t h2_active
+        uint64_t h2_close_reason[32]
 
     struct ztun_event_hdr:
         uint32_t len
@@ -125,9 +134,13 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t bytes_up_down
         sockaddr_storage src
         sockaddr_storage dst
+        sockaddr_storage target
+        uint64_t request_id
         uint16_t peer_id_len
         uint16_t detail_len
         uint16_t local_id_len
+        uint16_t trace_len
+        uint16_t baggage_len
 
     struct ztun_event_log:
         ztun_event_hdr h

@@ -63,6 +63,12 @@ struct ztun_listener_spec {
 	 * none: any identity of a trusted trust domain. */
 	const char *const *expect;
 	int nexpect;
+	/* HBONE_OUT: the baggage header sent with each CONNECT (NULL: none). */
+	const char *baggage;
+	/* HBONE_IN: the workload addresses this node serves (16-byte IPv6, IPv4 mapped);
+	 * a CONNECT to any other address is answered 400. */
+	const uint8_t (*workload_ips)[16];
+	int nworkload_ips;
 };
 
 enum {
@@ -132,6 +138,12 @@ struct ztun_stats {
 	uint64_t events_dropped;  /* events lost because the ring was full */
 	uint64_t buffers_in_use;  /* pool buffers held by connections */
 	uint64_t buffer_bytes;    /* bytes of all pool buffers, held or cached */
+	uint64_t hbone_status[5]; /* CONNECT responses sent/received: 200, 400, 401, 503, other */
+	uint64_t hbone_protocol_errors;
+	uint64_t h2_opened;       /* HTTP/2 (HBONE) connections */
+	uint64_t h2_closed;
+	uint64_t h2_active;
+	uint64_t h2_close_reason[ZTUN_CLOSE__COUNT];
 };
 int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out);
 
@@ -173,11 +185,15 @@ struct ztun_event_conn {
 	uint64_t bytes_up_down;
 	struct sockaddr_storage src; /* downstream peer */
 	struct sockaddr_storage dst; /* upstream (or original destination) */
+	struct sockaddr_storage target; /* HBONE: the CONNECT authority (workload ip:port) */
+	uint64_t request_id;         /* adopted connections: the caller's request id */
 	uint16_t peer_id_len;        /* peer SPIFFE ID (verified), may be 0 */
 	uint16_t detail_len;         /* human-readable detail (e.g. the TLS verify error) */
 	uint16_t local_id_len;       /* our own SPIFFE ID on this connection */
-	uint16_t _pad;
-	/* followed by peer_id, detail and local_id bytes (not NUL-terminated) */
+	uint16_t trace_len;          /* HBONE: traceparent */
+	uint16_t baggage_len;        /* HBONE: baggage received */
+	uint16_t _pad[3];
+	/* followed by peer_id, detail, local_id, trace and baggage bytes (no NULs) */
 };
 struct ztun_event_log {
 	struct ztun_event_hdr h;
