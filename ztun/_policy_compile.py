@@ -175,8 +175,9 @@ class _Builder:
         action = 1 if p.action.value == "DENY" else 0
         self.add(
             SEC_POLICIES,
-            _POLICY.pack(*key, action, 1 if p.dry_run else 0, _SCOPE[scope], 0, rule_first,
-                         len(p.rules)),
+            _POLICY.pack(
+                *key, action, 1 if p.dry_run else 0, _SCOPE[scope], 0, rule_first, len(p.rules)
+            ),
         )
 
     def blob(self) -> bytes:

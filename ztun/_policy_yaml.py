@@ -181,7 +181,7 @@ class _Doc:
 
 
 def _convert_rule(
-    d: _Doc, raw: Any, path: Path, action: Action, namespace: str, key: str
+    d: _Doc, raw: Any, path: Path, *, action: Action, namespace: str, key: str
 ) -> tuple[Rule | None, list[str]]:
     """One Istio rule -> (rule or None when dropped, the L7-only fields it used)."""
     if raw is None:
@@ -246,10 +246,16 @@ def _convert_rule(
             if not present:
                 raise d.error(src_path, "`from.source` must not be empty")
             if present & {"serviceAccounts", "notServiceAccounts"} and present & {
-                "principals", "notPrincipals", "namespaces", "notNamespaces"
+                "principals",
+                "notPrincipals",
+                "namespaces",
+                "notNamespaces",
             }:
                 raise d.error(
-                    (*src_path, "serviceAccounts" if "serviceAccounts" in present else "notServiceAccounts"),
+                    (
+                        *src_path,
+                        "serviceAccounts" if "serviceAccounts" in present else "notServiceAccounts",
+                    ),
                     "cannot set serviceAccounts with namespaces or principals",
                 )
             for name in SOURCE_L7:
@@ -294,12 +300,14 @@ def _convert_rule(
             values = d.strings(cond.get("values"), (*cp, "values"))
             not_values = d.strings(cond.get("notValues"), (*cp, "notValues"))
             if not values and not not_values:
-                raise d.error(cp, f"at least one of `values` or `notValues` must be set for key {k}")
-            m = _convert_condition(d, k, values, not_values, cp)
-            if m is None:
+                raise d.error(
+                    cp, f"at least one of `values` or `notValues` must be set for key {k}"
+                )
+            cm = _convert_condition(d, k, values, not_values, cp)
+            if cm is None:
                 l7.append(k)  # for a DENY the condition is dropped: broader
             else:
-                clauses.append((m,))
+                clauses.append((cm,))
 
     if l7:
         fields_txt = ", ".join(dict.fromkeys(l7))
@@ -330,7 +338,10 @@ def _convert_condition(
         if target in ("source_ips", "destination_ips"):
             pos, neg = d.ip_blocks(values, vp), d.ip_blocks(not_values, nvp)
         elif target == "destination_ports":
-            pos, neg = d.parse_each(values, vp, parse_port), d.parse_each(not_values, nvp, parse_port)
+            pos, neg = (
+                d.parse_each(values, vp, parse_port),
+                d.parse_each(not_values, nvp, parse_port),
+            )
         else:
             pos = d.parse_each(values, vp, StringMatch.parse)
             neg = d.parse_each(not_values, nvp, StringMatch.parse)
@@ -349,7 +360,7 @@ def _convert_condition(
             if prefix.endswith(".") and len(key) > len(prefix):
                 bracket_ok = True
             else:
-                rest = key[len(prefix):]
+                rest = key[len(prefix) :]
                 bracket_ok = rest.startswith("[") and rest.endswith("]") and len(rest) > 2
             if not bracket_ok:
                 raise d.error((*path, "key"), f"bad key {key!r}: should have the form a[b]")
@@ -395,7 +406,7 @@ def _parse_policy(d: _Doc, raw: Any, base: Path) -> AuthorizationPolicy | None:
             ap: Path = (*mp, "annotations", DRY_RUN_ANNOTATION)
             v = d.string(ann_raw[DRY_RUN_ANNOTATION], ap)
             if v not in _BOOLS:
-                raise d.error(ap, f"expected \"true\" or \"false\", got {v!r}")
+                raise d.error(ap, f'expected "true" or "false", got {v!r}')
             dry_run = _BOOLS[v]
 
     sp: Path = (*base, "spec")
@@ -426,15 +437,19 @@ def _parse_policy(d: _Doc, raw: Any, base: Path) -> AuthorizationPolicy | None:
     if "provider" in spec and action_s != "CUSTOM":
         raise d.error((*sp, "provider"), f"`provider` must not be used with action {action_s}")
     if action_s in ("AUDIT", "CUSTOM"):
-        d.warn(f"{d.where(base)}: policy {key}: ztunnel does not support the {action_s} "
-               "action; the policy is skipped")
+        d.warn(
+            f"{d.where(base)}: policy {key}: ztunnel does not support the {action_s} "
+            "action; the policy is skipped"
+        )
         return None
     if action_s not in ("ALLOW", "DENY"):
         raise d.error((*sp, "action"), f"unknown action {action_s!r} (expected ALLOW or DENY)")
     action = Action(action_s)
     if "targetRef" in spec or "targetRefs" in spec:
-        d.warn(f"{d.where(base)}: policy {key}: targetRef(s) address a waypoint, not ztunnel; "
-               "the policy is skipped")
+        d.warn(
+            f"{d.where(base)}: policy {key}: targetRef(s) address a waypoint, not ztunnel; "
+            "the policy is skipped"
+        )
         return None
 
     rules_raw = spec.get("rules")
@@ -450,7 +465,7 @@ def _parse_policy(d: _Doc, raw: Any, base: Path) -> AuthorizationPolicy | None:
     rules: list[Rule] = []
     sources: list[str] = []
     for i, rr in enumerate(rules_raw or []):
-        converted, _ = _convert_rule(d, rr, (*rp, i), action, namespace, key)
+        converted, _ = _convert_rule(d, rr, (*rp, i), action=action, namespace=namespace, key=key)
         if converted is not None:
             rules.append(converted)
             sources.append(d.where((*rp, i)))

@@ -36,8 +36,8 @@ import dataclasses
 import enum
 import ipaddress
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TypeAlias
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeAlias, TypeVar
 
 from ztun.errors import PolicyError
 
@@ -64,6 +64,7 @@ __all__ = [
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 SPIFFE_PREFIX = "spiffe://"
+_T = TypeVar("_T")
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,7 +100,7 @@ def _field_error(field: str, message: str) -> PolicyError:
 
 @dataclasses.dataclass(frozen=True)
 class StringMatch:
-    """Istio string match: ``"abc"`` exact, ``"abc*"`` prefix, ``"*abc"`` suffix, ``"*"`` presence."""
+    """Istio string match: ``"a"`` exact, ``"a*"`` prefix, ``"*a"`` suffix, ``"*"`` presence."""
 
     kind: str  # "exact" | "prefix" | "suffix" | "presence"
     value: str = ""
@@ -515,20 +516,21 @@ def _match_holds(m: Match, peer: _Peer, f: ConnectionFacts) -> bool:
     def port(p: int) -> bool:
         return p == f.dst_port
 
-    checks = (
-        (m.principals, m.not_principals, sm_principal),
-        (m.namespaces, m.not_namespaces, sm_namespace),
-        (m.service_accounts, m.not_service_accounts, sa),
-        (m.source_ips, m.not_source_ips, src),
-        (m.destination_ips, m.not_destination_ips, dst),
-        (m.destination_ports, m.not_destination_ports, port),
+    return (
+        _holds(m.principals, m.not_principals, sm_principal)
+        and _holds(m.namespaces, m.not_namespaces, sm_namespace)
+        and _holds(m.service_accounts, m.not_service_accounts, sa)
+        and _holds(m.source_ips, m.not_source_ips, src)
+        and _holds(m.destination_ips, m.not_destination_ips, dst)
+        and _holds(m.destination_ports, m.not_destination_ports, port)
     )
-    for pos, neg, pred in checks:
-        if pos and not any(pred(x) for x in pos):  # type: ignore[operator]
-            return False
-        if neg and any(pred(x) for x in neg):  # type: ignore[operator]
-            return False
-    return True
+
+
+def _holds(pos: Sequence[_T], neg: Sequence[_T], pred: Callable[[_T], bool]) -> bool:
+    """Positive list: ANY must hold (if given); negative list: NONE may hold."""
+    if pos and not any(pred(x) for x in pos):
+        return False
+    return not (neg and any(pred(x) for x in neg))
 
 
 def _first_matching_rule(p: AuthorizationPolicy, peer: _Peer, f: ConnectionFacts) -> int | None:
@@ -621,9 +623,11 @@ class PolicySet:
             if p.key in seen:
                 other = seen[p.key].source or "<python>"
                 here = p.source or "<python>"
-                raise PolicyError(f"duplicate policy {p.key} (also defined at {other})",
-                                  file=here.rsplit(":", 1)[0] if p.source else None,
-                                  line=_line_of(p.source))
+                raise PolicyError(
+                    f"duplicate policy {p.key} (also defined at {other})",
+                    file=here.rsplit(":", 1)[0] if p.source else None,
+                    line=_line_of(p.source),
+                )
             seen[p.key] = p
         self._policies = tuple(sorted(seen.values(), key=_sort_key))
         self._by_key = {p.key: p for p in self._policies}

@@ -170,9 +170,7 @@ class _Builder:
         return out
 
 
-def _documents(
-    text: str, file: str, error_cls: type[ConfigError]
-) -> Iterator[YamlDocument]:
+def _documents(text: str, file: str, error_cls: type[ConfigError]) -> Iterator[YamlDocument]:
     loader = yaml.SafeLoader(text)
     try:
         index = 0

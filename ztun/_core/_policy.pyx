@@ -83,11 +83,11 @@ cdef class CompiledPolicy:
         _check(rc)
         self._t = t
         self.policy_names = tuple(
-            cpolicy.ztun_policy_name(t, i).decode("utf-8", "surrogatepass")
+            cpolicy.ztun_policy_name(t, i).decode("utf-8", "backslashreplace")
             for i in range(cpolicy.ztun_policy_count(t))
         )
         self.workload_names = tuple(
-            cpolicy.ztun_policy_workload_name(t, i).decode("utf-8", "surrogatepass")
+            cpolicy.ztun_policy_workload_name(t, i).decode("utf-8", "backslashreplace")
             for i in range(cpolicy.ztun_policy_workload_count(t))
         )
         # the last workload is the default one; it is reached with -1, never by name
