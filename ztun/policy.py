@@ -401,11 +401,11 @@ class AuthorizationPolicy:
     ) -> AuthorizationPolicy:
         return cls(name, namespace, Action.DENY, tuple(rules), selector, dry_run)
 
-    def where(self, rule_index: int) -> str:
-        """Where rule ``rule_index`` came from, for messages."""
+    def where(self, rule_index: int) -> str | None:
+        """Where rule ``rule_index`` came from (``file:line``), if it came from a file."""
         if rule_index < len(self.rule_sources):
             return self.rule_sources[rule_index]
-        return self.source or "<python>"
+        return self.source
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 import struct
@@ -99,20 +100,15 @@ def test_corpus_is_big_enough() -> None:
     assert len(CASES) >= 80
 
 
+@dataclasses.dataclass(frozen=True)
 class Outcome:
     """One engine's answer in a shape both engines share."""
 
-    def __init__(self, allowed: bool, reason: Reason, policy: str | None, rule: int | None,
-                 dry: tuple[bool, str | None, int | None, int] | None) -> None:  # fmt: skip
-        self.allowed, self.reason, self.policy, self.rule, self.dry = (
-            allowed, reason, policy, rule, dry,
-        )  # fmt: skip
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Outcome) and vars(self) == vars(other)
-
-    def __repr__(self) -> str:
-        return f"Outcome({vars(self)})"
+    allowed: bool
+    reason: Reason
+    policy: str | None
+    rule: int | None
+    dry: tuple[bool, str | None, int | None, int] | None  # allowed, policy, rule, n matched
 
 
 def python_outcome(pset: PolicySet, facts: ConnectionFacts) -> tuple[Outcome, Any]:
@@ -174,8 +170,8 @@ NAMESPACES = ["prod", "dev", "istio-system"]
 PRINCIPALS = [
     f"{td}/ns/{ns}/sa/{sa}" for td in ("cluster.local", "td2") for ns in NAMESPACES for sa in "ab"
 ]
-PEERS = [None, "spiffe://td2/x", "nospiffe/ns/prod/sa/a", "spiffe://", "spiffe://a/ns//sa/",
-         "spiffe://cluster.local/ns/prod/sa/a/b"] + [f"spiffe://{p}" for p in PRINCIPALS]  # fmt: skip
+PEERS = [None, "spiffe://td2/x", "nospiffe/ns/prod/sa/a", "spiffe://", "spiffe://a/ns//sa/"]
+PEERS += ["spiffe://cluster.local/ns/prod/sa/a/b"] + [f"spiffe://{p}" for p in PRINCIPALS]
 V4 = [f"10.0.0.{i}" for i in (0, 1, 2, 3, 128, 255)] + ["10.0.1.0", "192.0.2.1"]
 V6 = ["2001:db8::", "2001:db8::1", "2001:db8::ff", "2001:db8:0:1::", "fe80::1"]
 ADDRS = V4 + V6 + ["::ffff:10.0.0.1"]
@@ -225,7 +221,8 @@ st_match = st.builds(
     service_accounts=_lst(st_sa), not_service_accounts=_lst(st_sa),
     source_ips=_lst(st_net), not_source_ips=_lst(st_net),
     destination_ips=_lst(st_net), not_destination_ips=_lst(st_net),
-    destination_ports=_lst(st.sampled_from(PORTS)), not_destination_ports=_lst(st.sampled_from(PORTS)),
+    destination_ports=_lst(st.sampled_from(PORTS)),
+    not_destination_ports=_lst(st.sampled_from(PORTS)),
 )  # fmt: skip
 st_rule = st.lists(st.lists(st_match, max_size=3).map(tuple), max_size=3).map(tuple)
 
@@ -310,7 +307,9 @@ def test_names_and_find_workload() -> None:
 
 
 def test_default_workload_is_used_for_unknown_destinations() -> None:
-    pset = PolicySet([AuthorizationPolicy.allow("only-80", "app", ((Match.of(destination_ports=[80]),),))])
+    pset = PolicySet(
+        [AuthorizationPolicy.allow("only-80", "app", ((Match.of(destination_ports=[80]),),))]
+    )
     me = Workload("me", "app")
     unknown = ConnectionFacts.of("10.0.0.1", "127.0.0.1", 81)
     assert CompiledPolicy(pset.compile()).evaluate(unknown).allowed  # mesh-wide only
