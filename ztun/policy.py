@@ -632,6 +632,19 @@ class PolicySet:
         self._policies = tuple(sorted(seen.values(), key=_sort_key))
         self._by_key = {p.key: p for p in self._policies}
         self.warnings: tuple[str, ...] = tuple(warnings)
+        # scope indexes (each list stays in key order): evaluation and compilation look a
+        # destination's policies up instead of scanning the whole set
+        self._mesh = tuple(p for p in self._policies if self.scope(p) is Scope.GLOBAL)
+        by_ns: dict[str, list[AuthorizationPolicy]] = {}
+        sel_by_ns: dict[str, list[AuthorizationPolicy]] = {}
+        for p in self._policies:
+            scope = self.scope(p)
+            if scope is Scope.NAMESPACE:
+                by_ns.setdefault(p.namespace, []).append(p)
+            elif scope is Scope.WORKLOAD_SELECTOR:
+                sel_by_ns.setdefault(p.namespace, []).append(p)
+        self._by_ns = {k: tuple(v) for k, v in by_ns.items()}
+        self._sel_by_ns = {k: tuple(v) for k, v in sel_by_ns.items()}
 
     # -- loading --
 
@@ -688,22 +701,19 @@ class PolicySet:
         return Scope.NAMESPACE
 
     def _groups(self, workload: Workload | None) -> _Groups:
-        mesh = tuple(p for p in self._policies if self.scope(p) is Scope.GLOBAL)
         if workload is None:
-            return _Groups((), mesh, ())
-        ns = tuple(
-            p
-            for p in self._policies
-            if self.scope(p) is Scope.NAMESPACE and p.namespace == workload.namespace
-        )
+            return _Groups((), self._mesh, ())
+        ns = self._by_ns.get(workload.namespace, ())
+        candidates = self._sel_by_ns.get(workload.namespace, ())
+        if workload.namespace != self.root_namespace:
+            root = self._sel_by_ns.get(self.root_namespace, ())
+            candidates = tuple(sorted(candidates + root, key=_sort_key)) if root else candidates
         sel = tuple(
             p
-            for p in self._policies
-            if p.selector is not None
-            and p.namespace in (workload.namespace, self.root_namespace)
-            and _labels_match(p.selector, workload.labels)
+            for p in candidates
+            if p.selector is not None and _labels_match(p.selector, workload.labels)
         )
-        return _Groups(ns, mesh, sel)
+        return _Groups(ns, self._mesh, sel)
 
     def applicable(self, workload: Workload | None) -> tuple[AuthorizationPolicy, ...]:
         """The policies that apply to ``workload``, in evaluation order."""
