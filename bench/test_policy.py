@@ -20,6 +20,8 @@ from ztun._core._policy import CompiledPolicy
 from ztun.policy import AuthorizationPolicy, ConnectionFacts, Match, PolicySet, Workload, rule
 
 SIZES = [1, 100, 10_000]
+GATEWAY = "cluster.local/ns/gw/sa/in"
+OTHER = "cluster.local/ns/other/sa"
 
 
 def _ip(n: int) -> str:
@@ -37,7 +39,7 @@ def common(n: int) -> tuple[PolicySet, CompiledPolicy, ConnectionFacts]:
             AuthorizationPolicy.allow(
                 "allow", ns,
                 rule(
-                    Match.of(principals=[f"cluster.local/ns/{ns}/sa/*", "cluster.local/ns/gw/sa/in"]),
+                    Match.of(principals=[f"cluster.local/ns/{ns}/sa/*", GATEWAY]),
                     Match.of(destination_ports=[8080, 8443]),
                 ),
             ),
@@ -67,7 +69,7 @@ def worst(n: int) -> tuple[PolicySet, CompiledPolicy, ConnectionFacts]:
     policies = [
         AuthorizationPolicy.allow(
             f"p{j:05d}", "istio-system",
-            rule(Match.of(principals=[f"cluster.local/ns/other/sa/sa-{j}"], destination_ports=[8080])),
+            rule(Match.of(principals=[f"{OTHER}/sa-{j}"], destination_ports=[8080])),
         )
         for j in range(n)
     ]  # fmt: skip
