@@ -95,6 +95,8 @@ def test_policy_eval_c(benchmark: pytest.FixtureRequest, kind: str, n: int) -> N
     assert v.allowed is (kind == "common")
     benchmark.group = f"policy-{kind}"  # type: ignore[attr-defined]
     benchmark.pedantic(cp.bench, args=(facts, iters), rounds=10, warmup_rounds=1)  # type: ignore[attr-defined]
+    if benchmark.stats is None:  # type: ignore[attr-defined]  # --benchmark-disable
+        return
     ns = benchmark.stats.stats.mean * 1e9 / iters  # type: ignore[attr-defined]
     benchmark.extra_info.update(  # type: ignore[attr-defined]
         {"engine": "c", "policies": n, "ns_per_eval": round(ns, 1)}
@@ -109,6 +111,8 @@ def test_policy_eval_python(benchmark: pytest.FixtureRequest, kind: str, n: int)
     benchmark.group = f"policy-{kind}"  # type: ignore[attr-defined]
     rounds = 5 if n >= 10_000 else 200
     benchmark.pedantic(pset.evaluate, args=(facts,), rounds=rounds, warmup_rounds=1)  # type: ignore[attr-defined]
+    if benchmark.stats is None:  # type: ignore[attr-defined]  # --benchmark-disable
+        return
     ns = benchmark.stats.stats.mean * 1e9  # type: ignore[attr-defined]
     benchmark.extra_info.update(  # type: ignore[attr-defined]
         {"engine": "python", "policies": n, "ns_per_eval": round(ns, 1)}
