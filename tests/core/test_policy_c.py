@@ -416,3 +416,18 @@ def test_random_mutations_never_crash() -> None:
             else:
                 del b[i]
         _probe(bytes(b))
+
+
+def test_concurrent_readers_count_exactly() -> None:
+    """Threads evaluate one table at once (GIL released in bench): no lost counter update."""
+    import threading
+
+    cp = CompiledPolicy(_two_policy_set().compile([WORKLOADS["web"]]))
+    facts = ConnectionFacts.of("10.0.0.1", "10.1.0.5", 80, None, WORKLOADS["web"])
+    threads = [threading.Thread(target=cp.bench, args=(facts, 200_000)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert cp.counters()["prod/a"] == (800_000, 0, 0)
+    assert cp.counters()["prod/dry"] == (0, 0, 800_000)

@@ -6,7 +6,7 @@ evaluates connections in C; tests use it as the differential oracle against the 
 model, the benchmark times it, the engine uses the same C table directly.
 """
 
-from libc.stdint cimport int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -178,7 +178,7 @@ cdef class CompiledPolicy:
         cdef cpolicy.ztun_policy_conn c
         cdef cpolicy.ztun_policy_verdict v
         cdef timespec t0, t1
-        cdef Py_ssize_t i
+        cdef Py_ssize_t _i
         cdef int rc = 0
         cdef bytes peer = None
         if iterations <= 0:
@@ -190,7 +190,7 @@ cdef class CompiledPolicy:
             c.peer_id_len = len(peer)
         with nogil:
             clock_gettime(CLOCK_MONOTONIC, &t0)
-            for i in range(iterations):
+            for _i in range(iterations):
                 rc |= cpolicy.ztun_policy_eval(self._t, &c, &v)
             clock_gettime(CLOCK_MONOTONIC, &t1)
         _check(rc)

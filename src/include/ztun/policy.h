@@ -18,7 +18,7 @@
  * group, mesh-wide group, workload-selector group; within a group by "namespace/name".
  * Dry-run policies are evaluated and counted but never change the verdict.
  *
- * The blob format is described in docs/policy-blob.md and ztun/_policy_compile.py.
+ * The blob format: docs/policy.md and ztun/_policy_compile.py (the only writer).
  */
 #ifndef ZTUN_POLICY_H
 #define ZTUN_POLICY_H
