@@ -35,9 +35,11 @@ __all__ = [
 
 Path = tuple[str | int, ...]
 
-# Expanding aliases can grow a few lines of YAML into billions of values; no policy or
-# config file legitimately has more than this many nodes once aliases are expanded.
+# Expanding aliases can grow a few lines of YAML into billions of values ("billion
+# laughs"). No ztun file legitimately has more values than this, nor re-uses anchored
+# values this often (a value reached again through an alias counts each time).
 MAX_NODES = 1_000_000
+MAX_ALIAS_EXPANSIONS = 10_000
 # Deeper nesting than this is certainly not a ztun file and would only exhaust the stack.
 MAX_DEPTH = 64
 
@@ -126,6 +128,8 @@ class _Builder:
         self.loader = loader
         self.error_cls = error_cls
         self.count = 0
+        self.seen: set[int] = set()
+        self.expansions = 0
 
     def fail(self, node: yaml.Node, path: Path, message: str) -> ConfigError:
         return self.error_cls(
@@ -136,6 +140,12 @@ class _Builder:
         self.count += 1
         if self.count > MAX_NODES:
             raise self.fail(node, path, f"document too large (more than {MAX_NODES} values)")
+        if id(node) in self.seen:
+            self.expansions += 1
+            if self.expansions > MAX_ALIAS_EXPANSIONS:
+                raise self.fail(node, path, "document too large (too many alias expansions)")
+        else:
+            self.seen.add(id(node))
         if len(path) > MAX_DEPTH:
             raise self.fail(node, path, f"nested deeper than {MAX_DEPTH} levels")
         self.doc.values.setdefault(path, _mark(node))
