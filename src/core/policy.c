@@ -684,6 +684,20 @@ int ztun_policy_find_workload(const struct ztun_policy *t, const uint8_t ip16[16
 	return ZTUN_ENOTFOUND;
 }
 
+int ztun_policy_find_workload_by_name(const struct ztun_policy *t, const char *key,
+				      size_t key_len)
+{
+	if (!t || (!key && key_len))
+		return ZTUN_EINVAL;
+	/* the last entry is the unnamed default: never found by name */
+	for (uint32_t i = 0; i + 1 < t->n[SEC_WORKLOADS]; i++) {
+		const struct rec_workload *w = &t->workloads[i];
+		if (w->key_len == key_len && !memcmp(t->strings + w->key_off, key, key_len))
+			return (int)i;
+	}
+	return ZTUN_ENOTFOUND;
+}
+
 /* ---- introspection and counters ---- */
 
 uint32_t ztun_policy_count(const struct ztun_policy *t)

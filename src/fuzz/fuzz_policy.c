@@ -32,6 +32,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		ztun_policy_eval(t, &c, &v);
 	}
 	ztun_policy_find_workload(t, c.src_ip);
+	ztun_policy_find_workload_by_name(t, "prod/web", 8);
 	for (uint32_t i = 0; i < ztun_policy_count(t); i++)
 		(void)strlen(ztun_policy_name(t, (int32_t)i));
 	ztun_policy_free(t);

@@ -304,6 +304,9 @@ def test_names_and_find_workload() -> None:
     assert cp.find_workload("::ffff:10.2.0.5") == "staging/api"
     assert cp.find_workload("10.1.0.7") is None
     assert cp.find_workload("::") is None
+    assert cp.workload_index("staging/api") == 2
+    assert cp.workload_index("") is None  # the default is reached with -1, not by name
+    assert cp.workload_index("staging/nope") is None
 
 
 def test_default_workload_is_used_for_unknown_destinations() -> None:

@@ -154,6 +154,15 @@ cdef class CompiledPolicy:
         _check(rc)
         return self.workload_names[rc]
 
+    def workload_index(self, name):
+        """Index of workload ``"namespace/name"`` in this table (C lookup), or None."""
+        key = name.encode("utf-8", "surrogatepass")
+        cdef int rc = cpolicy.ztun_policy_find_workload_by_name(self._t, key, len(key))
+        if rc == cpolicy.ZTUN_ENOTFOUND:
+            return None
+        _check(rc)
+        return rc
+
     def counters(self):
         """``{"namespace/name": (allowed, denied, dry_run)}`` for every policy."""
         cdef cpolicy.ztun_policy_counters_t c

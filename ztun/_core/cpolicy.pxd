@@ -38,6 +38,8 @@ cdef extern from "ztun/policy.h" nogil:
     int ztun_policy_load(const void *blob, size_t len, ztun_policy **out)
     void ztun_policy_free(ztun_policy *table)
     int ztun_policy_find_workload(const ztun_policy *table, const uint8_t *ip16)
+    int ztun_policy_find_workload_by_name(const ztun_policy *table, const char *key,
+                                          size_t key_len)
     int ztun_policy_eval(const ztun_policy *table, const ztun_policy_conn *conn,
                          ztun_policy_verdict *out)
     uint32_t ztun_policy_count(const ztun_policy *table)

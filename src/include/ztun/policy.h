@@ -89,6 +89,12 @@ void ztun_policy_free(struct ztun_policy *table);
  * ZTUN_ENOTFOUND. Binary search; no allocation. */
 int ztun_policy_find_workload(const struct ztun_policy *table, const uint8_t ip16[16]);
 
+/* Index of the workload named "namespace/name", or ZTUN_ENOTFOUND. Linear: meant for
+ * re-resolving a listener's workload when a new table is swapped in (indices are only
+ * valid within the table that produced them). */
+int ztun_policy_find_workload_by_name(const struct ztun_policy *table, const char *key,
+				      size_t key_len);
+
 /* Decide one connection. 0 or ZTUN_EINVAL (NULL argument, dst_workload out of range). */
 int ztun_policy_eval(const struct ztun_policy *table, const struct ztun_policy_conn *conn,
 		     struct ztun_policy_verdict *out);
