@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 BPF_FS_MAGIC = 0xCAFE4A11
 DEFAULT = "/sys/fs/bpf"
 _libc = ctypes.CDLL(None, use_errno=True)
+# entries the kernel itself puts in every new bpffs (bpf_preload iterators)
+KERNEL_ENTRIES = frozenset({"maps.debug", "progs.debug"})
 
 
 def bpffs_mount() -> str | None:
@@ -60,7 +62,7 @@ class Bpffs:
     def release(self) -> None:
         if not self.mounted_by_us:
             return
-        left = os.listdir(self.path)
+        left = [n for n in os.listdir(self.path) if n not in KERNEL_ENTRIES]
         if left:
             log.warning("bpffs %s still holds %s: leaving it mounted", self.path, left)
             return
