@@ -4,7 +4,6 @@ import os
 import subprocess
 
 import pytest
-
 from harness import bpffs as hb
 from harness import cgroup as hc
 
@@ -41,7 +40,9 @@ def test_moving_this_process_in_and_back_out():
     with hc.Cgroup.create() as cg:
         cg.add()  # this test process: children inherit the cgroup
         assert hc.current_cgroup() == cg.rel
-        child = subprocess.run(["cat", "/proc/self/cgroup"], capture_output=True, text=True)
+        child = subprocess.run(
+            ["cat", "/proc/self/cgroup"], check=True, capture_output=True, text=True
+        )
         assert f"0::{cg.rel}" in child.stdout
     assert hc.current_cgroup() == home
     assert not os.path.exists(cg.path)

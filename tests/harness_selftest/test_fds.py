@@ -3,7 +3,6 @@ from __future__ import annotations
 import socket
 
 import pytest
-
 from harness.fds import FdTracker, assert_fds_return, fd_count, fd_targets
 
 

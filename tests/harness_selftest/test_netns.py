@@ -7,7 +7,6 @@ import socket
 import subprocess
 
 import pytest
-
 from harness import netns
 from harness.servers import EchoServer
 
@@ -38,7 +37,12 @@ def test_code_and_processes_run_inside(two_nodes):
     assert a.inode != host_ns
     # run_in: a thread that entered the namespace
     assert a.run_in(lambda: os.stat("/proc/thread-self/ns/net").st_ino) == a.inode
-    devs = a.run_in(lambda: open("/proc/thread-self/net/dev").read())
+
+    def read_dev() -> str:
+        with open("/proc/thread-self/net/dev") as f:
+            return f.read()
+
+    devs = a.run_in(read_dev)
     assert "zt0" in devs
     # the calling thread did not move
     assert os.stat("/proc/thread-self/ns/net").st_ino == host_ns
@@ -50,7 +54,9 @@ def test_code_and_processes_run_inside(two_nodes):
     mounts = a.run(["cat", "/proc/self/mountinfo"]).stdout
     assert " - cgroup2 " in mounts
     # nsenter variant of the command line
-    out = subprocess.run(a.argv(["ip", "-br", "addr"]), capture_output=True, text=True).stdout
+    out = subprocess.run(
+        a.argv(["ip", "-br", "addr"]), check=True, capture_output=True, text=True
+    ).stdout
     assert a.ip4 in out
 
 

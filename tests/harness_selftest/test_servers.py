@@ -6,7 +6,6 @@ import socket
 import threading
 
 import pytest
-
 from harness.fds import FdTracker
 from harness.fixtures import ipv6_loopback_available
 from harness.servers import EchoServer, SinkServer
