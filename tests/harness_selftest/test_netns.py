@@ -107,3 +107,15 @@ def test_unique_names():
     names = {netns.unique_name() for _ in range(100)}
     assert len(names) == 100
     assert all(netns.owner_pid(n) == os.getpid() for n in names)
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_integrity_between_nodes(two_nodes, family):
+    from harness.integrity import run_integrity
+    from harness.servers import TransformServer
+
+    a, b = two_nodes
+    with TransformServer(sock=b.listen(family=family)) as srv:
+        s = run_integrity(srv.address, srv, n=20, max_size=2 << 20, seed=9, connect=a.connect)
+    s.assert_clean()
+    assert srv.accepted == 20
