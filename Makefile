@@ -16,8 +16,8 @@ APT_PACKAGES := build-essential cmake ninja-build pkg-config \
 	clang llvm bpftool iproute2 openssl \
 	stunnel4 nghttp2-proxy tcpdump curl nodejs
 
-BUILD_DEPS := scikit-build-core>=0.10 cython>=3.0 cython-cmake>=0.2 cffi>=1.17
-EXTRAS := test,bench,demo,dev
+BUILD_DEPS := 'scikit-build-core>=0.10' 'cython>=3.0' 'cython-cmake>=0.2' 'cffi>=1.17'
+EXTRAS := test,bench,demo,dev,spire
 SOURCES := $(shell find src ebpf ztun cmake -type f \( -name '*.c' -o -name '*.h' -o -name '*.pyx' \
 	-o -name '*.pxd' -o -name 'CMakeLists.txt' -o -name '*.cmake' -o -name '_*_build.py' \) 2>/dev/null) \
 	CMakeLists.txt pyproject.toml

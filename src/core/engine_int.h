@@ -1,0 +1,178 @@
+/* Internal structures of the engine, shared by engine.c (workers, commands,
+ * listeners) and conn.c (the per-connection state machine and relay). */
+#ifndef ZTUN_ENGINE_INT_H
+#define ZTUN_ENGINE_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/socket.h>
+
+#include "buf.h"
+#include "events.h"
+#include "list.h"
+#include "tls_int.h"
+#include "ztun/engine.h"
+
+
+#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+
+/* Every epoll registration points at a tag saying what it is. */
+enum ztag_kind { TAG_LISTENER = 1, TAG_CMD, TAG_EP, TAG_H2 };
+struct ztag {
+	uint8_t kind;
+};
+
+struct zlistener {
+	struct ztag tag;
+	_Atomic int refs;
+	uint32_t id;
+	int fd;
+	int mode;
+	uint32_t flags;
+	int32_t workload;
+	struct sockaddr_storage local;
+	socklen_t local_len;
+	struct sockaddr_storage upstream;
+	socklen_t upstream_len;
+	struct sockaddr_storage target;
+	socklen_t target_len;
+	pthread_mutex_t tls_lock; /* guards tls: swapped by the control thread */
+	ztun_tls_ctx *tls;
+	struct ztls_expect *expect;    /* client side: acceptable server identities */
+	struct ztls_session_slot slot; /* client side: the session to resume */
+};
+
+/* A compiled policy table shared by the workers: the last reference frees it. */
+struct zpolicy {
+	_Atomic int refs;
+	ztun_policy *table;
+};
+struct zpolicy *zpolicy_new(ztun_policy *table);
+void zpolicy_get(struct zpolicy *p);
+void zpolicy_put(struct zpolicy *p);
+
+/* Counters each worker updates with relaxed atomics; summed on read. */
+struct zstats {
+	_Atomic uint64_t bytes[2]; /* [0] down->up, [1] up->down */
+	_Atomic uint64_t opened;
+	_Atomic uint64_t closed;
+	_Atomic uint64_t reason[ZTUN_CLOSE__COUNT];
+	_Atomic uint64_t handshakes;
+	_Atomic uint64_t handshakes_resumed;
+	_Atomic uint64_t policy_allowed;
+	_Atomic uint64_t policy_denied;
+	_Atomic uint64_t policy_dry_run;
+};
+
+static inline void zstat_add(_Atomic uint64_t *c, uint64_t v)
+{
+	atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+enum zcmd_type {
+	CMD_ADD_LISTENER = 1,
+	CMD_DEL_LISTENER,
+	CMD_PAUSE_ACCEPT,
+	CMD_SET_POLICY,
+	CMD_STOP,
+};
+
+/* A caller waiting for every worker to run a broadcast command. */
+struct zsync {
+	pthread_mutex_t mu;
+	pthread_cond_t cv;
+	int pending;
+	int rc;
+};
+
+struct zcmd {
+	struct zcmd *next;
+	int type;
+	struct zsync *sync;
+	union {
+		struct zlistener *listener;
+		struct zpolicy *policy;
+		uint32_t drain_ms;
+	} u;
+};
+
+struct zpipe;
+
+struct zworker {
+	struct ztun_engine *e;
+	int idx;
+	pthread_t thread;
+	int started;
+	int epfd;
+	int cmdfd;
+	struct ztag cmd_tag;
+	pthread_mutex_t qlock;
+	struct zcmd *qhead, *qtail;
+
+	struct zpool pool;
+	struct zpipe *pipes;  /* free splice pipes */
+	uint32_t npipes;
+	struct zring ring;
+	struct zstats stats;
+
+	struct zlistener **listeners; /* registered in this worker's epoll */
+	int nlisteners, caplisteners;
+	uint64_t accept_resume_ns;    /* EMFILE back-off: re-arm listeners after this */
+	int accept_paused;
+
+	struct zlist flows;   /* every live flow, least recently active first */
+	struct zlist pending; /* flows waiting on a connect or handshake deadline */
+	struct zlist again;   /* flows with work left after their time slice */
+	struct zlist zombies; /* closed flows, freed after the epoll batch */
+	uint32_t nflows;
+
+	struct zpolicy *policy; /* this worker's reference, NULL: no policy */
+
+	uint64_t now;        /* CLOCK_MONOTONIC_COARSE ns, updated every loop */
+	uint64_t next_tick;
+	int stopping;
+	uint64_t drain_deadline;
+};
+
+struct ztun_engine {
+	struct ztun_engine_config cfg;
+	int nworkers;
+	struct zworker *workers;
+	int evfd;
+	_Atomic int ev_armed;
+	pthread_mutex_t ev_lock; /* one consumer at a time */
+	int ev_next;             /* round-robin start for draining */
+	_Atomic uint64_t next_conn_id;
+	_Atomic uint32_t next_listener_id;
+	_Atomic uint32_t rr;     /* round-robin worker choice for adopted fds */
+	pthread_mutex_t lock;    /* listeners table, policy pointer, lifecycle */
+	struct zlistener **listeners;
+	int nlisteners, caplisteners;
+	struct zpolicy *policy;
+	int state;               /* 0 new, 1 running, 2 stopped */
+};
+
+/* engine.c */
+uint64_t ztun_now_mono(void);
+uint64_t ztun_now_real(void);
+uint64_t ztun_now_precise(void); /* CLOCK_MONOTONIC, for durations */
+void zlistener_put(struct zlistener *l);
+void zlistener_get(struct zlistener *l);
+void zworker_emit_log(struct zworker *w, int level, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+void zworker_wake_consumer(struct zworker *w);
+
+/* conn.c */
+void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *src,
+		  socklen_t srclen);
+void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events);
+void zflow_run_again(struct zworker *w);
+void zflow_tick(struct zworker *w);
+void zflow_reap(struct zworker *w);
+void zflow_shutdown_all(struct zworker *w, int reason);
+void zflow_recheck_policy(struct zworker *w);
+void zpipe_pool_destroy(struct zworker *w);
+
+#endif
