@@ -398,7 +398,8 @@ static void *worker_main(void *arg)
 	w->now = ztun_now_mono();
 	w->next_tick = w->now + TICK_NS;
 	for (;;) {
-		int timeout = zlist_empty(&w->again) ? (int)(TICK_NS / 1000000) : 0;
+		int busy = !zlist_empty(&w->again) || !zlist_empty(&w->h2dirty);
+		int timeout = busy ? 0 : (int)(TICK_NS / 1000000);
 		int n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
 
 		w->now = ztun_now_mono();
