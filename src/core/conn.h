@@ -113,6 +113,7 @@ struct zflow {
 	char *baggage;           /* HBONE: baggage header received, malloc'd */
 	struct sockaddr_storage target; /* HBONE: the CONNECT authority */
 	uint64_t request_id;     /* adopted connections: the caller's request */
+	int deliver_fd;          /* DELIVER: the caller's socketpair end, until handed over */
 };
 
 /* ---- sockio.c: endpoint I/O ---------------------------------------------- */
@@ -143,7 +144,10 @@ void zflow_relay(struct zworker *w, struct zflow *f);
 void zflow_start_relay(struct zworker *w, struct zflow *f);
 void zflow_connect(struct zworker *w, struct zflow *f, const struct sockaddr_storage *dst);
 void zflow_count_bytes(struct zworker *w, struct zflow *f, int d, uint64_t n);
-void zflow_emit(struct zworker *w, struct zflow *f, int type);
+/* 0: queued; -1: the event ring is full (the event is dropped and counted). */
+int zflow_emit(struct zworker *w, struct zflow *f, int type);
+/* HBONE DELIVER: make the socketpair, hand one end over, relay the other. */
+void zflow_deliver(struct zworker *w, struct zflow *f);
 void zflow_set_pending(struct zworker *w, struct zflow *f, uint32_t timeout_ms);
 /* 1: allowed; 0: denied (the verdict is recorded in the flow). */
 int zflow_authorize(struct zworker *w, struct zflow *f);

@@ -310,6 +310,13 @@ static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 		w->policy = c->u.policy; /* the broadcaster took a reference for us */
 		zflow_recheck_policy(w);
 		break;
+	case CMD_ADOPT:
+		if (w->stopping)
+			close(c->u.adopt.fd);
+		else
+			zflow_adopt(w, c->u.adopt.l, c->u.adopt.fd, &c->u.adopt.target, c->u.adopt.request_id);
+		zlistener_put(c->u.adopt.l);
+		break;
 	case CMD_STOP:
 		if (!w->stopping) {
 			w->stopping = 1;
@@ -507,6 +514,10 @@ static void worker_destroy(struct zworker *w)
 	while (c) {
 		struct zcmd *next = c->next;
 
+		if (c->type == CMD_ADOPT) {
+			close(c->u.adopt.fd);
+			zlistener_put(c->u.adopt.l);
+		}
 		sync_done(c->sync, ZTUN_ECLOSED);
 		free(c);
 		c = next;
@@ -699,10 +710,16 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->upstream_len == 0 &&
 	    !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
 		return ZTUN_EINVAL;
+	if ((spec->flags & ZTUN_LISTENER_VIRTUAL) && spec->mode == ZTUN_MODE_HBONE_IN)
+		return ZTUN_EINVAL;
+	if ((spec->flags & ZTUN_LISTENER_DELIVER) && spec->mode != ZTUN_MODE_HBONE_IN)
+		return ZTUN_EINVAL;
 	if (spec->nexpect < 0 || (spec->nexpect > 0 && !spec->expect) || spec->nworkload_ips < 0 ||
 	    (spec->nworkload_ips > 0 && !spec->workload_ips))
 		return ZTUN_EINVAL;
-	if (spec->fd >= 0) {
+	if (spec->flags & ZTUN_LISTENER_VIRTUAL) {
+		fd = -1;
+	} else if (spec->fd >= 0) {
 		fd = fcntl(spec->fd, F_DUPFD_CLOEXEC, 0);
 		if (fd < 0)
 			return -errno;
@@ -752,7 +769,10 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 		l->nworkload_ips = (uint32_t)spec->nworkload_ips;
 	}
 	l->local_len = sizeof(l->local);
-	getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	if (fd >= 0)
+		getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	else
+		l->local_len = 0;
 	l->id = atomic_fetch_add(&e->next_listener_id, 1);
 
 	pthread_mutex_lock(&e->lock);
@@ -777,7 +797,7 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	pthread_mutex_unlock(&e->lock);
 
 	add.u.listener = l;
-	rc = broadcast(e, &add, 1);
+	rc = (l->flags & ZTUN_LISTENER_VIRTUAL) ? 0 : broadcast(e, &add, 1);
 	if (rc) {
 		ztun_engine_remove_listener(e, l->id);
 		return rc;
@@ -816,10 +836,59 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
 	if (!l)
 		return ZTUN_ENOTFOUND;
 	del.u.listener = l;
-	broadcast(e, &del, 1);
-	/* Close the socket now (a listener with live connections keeps its config). */
-	shutdown(l->fd, SHUT_RDWR);
+	if (l->fd >= 0) {
+		broadcast(e, &del, 1);
+		/* Close the socket now (a listener with live connections keeps its config). */
+		shutdown(l->fd, SHUT_RDWR);
+	}
 	zlistener_put(l);
+	return 0;
+}
+
+int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
+		      uint64_t request_id)
+{
+	struct zlistener *l = NULL;
+	struct zcmd *c;
+	int rc = 0;
+
+	if (fd < 0)
+		return ZTUN_EINVAL;
+	pthread_mutex_lock(&e->lock);
+	if (e->state != 1) {
+		rc = ZTUN_ECLOSED;
+	} else {
+		for (int i = 0; i < e->nlisteners; i++) {
+			if (e->listeners[i]->id == listener_id) {
+				l = e->listeners[i];
+				zlistener_get(l);
+				break;
+			}
+		}
+		if (!l)
+			rc = ZTUN_ENOTFOUND;
+		else if (!(l->flags & ZTUN_LISTENER_VIRTUAL))
+			rc = ZTUN_EINVAL;
+	}
+	pthread_mutex_unlock(&e->lock);
+	if (rc) {
+		if (l)
+			zlistener_put(l);
+		return rc;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		zlistener_put(l);
+		return ZTUN_ENOMEM;
+	}
+	c->type = CMD_ADOPT;
+	c->u.adopt.l = l;
+	c->u.adopt.fd = fd;
+	c->u.adopt.request_id = request_id;
+	if (target)
+		c->u.adopt.target = *target;
+	/* Spread adopted connections over the workers. */
+	worker_enqueue(&e->workers[atomic_fetch_add(&e->rr, 1) % (uint32_t)e->nworkers], c);
 	return 0;
 }
 

@@ -85,6 +85,7 @@ enum zcmd_type {
 	CMD_PAUSE_ACCEPT,
 	CMD_SET_POLICY,
 	CMD_STOP,
+	CMD_ADOPT,
 };
 
 /* A caller waiting for every worker to run a broadcast command. */
@@ -103,6 +104,12 @@ struct zcmd {
 		struct zlistener *listener;
 		struct zpolicy *policy;
 		uint32_t drain_ms;
+		struct {
+			struct zlistener *l; /* a reference for the worker */
+			int fd;
+			uint64_t request_id;
+			struct sockaddr_storage target;
+		} adopt;
 	} u;
 };
 
@@ -186,6 +193,8 @@ void zflow_tick(struct zworker *w);
 void zflow_reap(struct zworker *w);
 void zflow_shutdown_all(struct zworker *w, int reason);
 void zflow_recheck_policy(struct zworker *w);
+void zflow_adopt(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *target,
+		 uint64_t request_id);
 void zpipe_pool_destroy(struct zworker *w);
 
 #endif

@@ -528,6 +528,10 @@ static void handle_request(struct zh2 *h, struct zflow *f, int end_stream)
 	}
 	if (end_stream)
 		f->ep[0].rd_eof = 1;
+	if (f->l->flags & ZTUN_LISTENER_DELIVER) {
+		zflow_deliver(h->w, f);
+		goto out;
+	}
 	zflow_set_state(f, FS_CONNECTING);
 	zflow_connect(h->w, f, &dst);
 out:
@@ -1082,12 +1086,14 @@ static void h2_submit_request(struct zh2 *h, struct zflow *f)
 #define NV(k, v) \
 	nv[n++] = (nghttp2_nv){(uint8_t *)(k), (uint8_t *)(v), sizeof(k) - 1, strlen(v), NGHTTP2_NV_FLAG_NONE}
 	format_addr(&f->target, authority, sizeof(authority));
-	format_addr(&f->src, src, sizeof(src));
-	snprintf(forwarded, sizeof(forwarded), "for=\"%s\"", src);
 	new_traceparent(h->w, trace);
 	NV(":method", "CONNECT");
 	NV(":authority", authority);
-	NV("forwarded", forwarded);
+	if (f->src.ss_family == AF_INET || f->src.ss_family == AF_INET6) {
+		format_addr(&f->src, src, sizeof(src));
+		snprintf(forwarded, sizeof(forwarded), "for=\"%s\"", src);
+		NV("forwarded", forwarded);
+	}
 	NV("traceparent", trace);
 	if (baggage && *baggage)
 		NV("baggage", baggage);

@@ -51,6 +51,8 @@ MODE_HBONE_IN = cztun.ZTUN_MODE_HBONE_IN
 MODE_HBONE_OUT = cztun.ZTUN_MODE_HBONE_OUT
 LISTENER_POLICY = cztun.ZTUN_LISTENER_POLICY
 LISTENER_ORIGINAL_DST = cztun.ZTUN_LISTENER_ORIGINAL_DST
+LISTENER_VIRTUAL = cztun.ZTUN_LISTENER_VIRTUAL
+LISTENER_DELIVER = cztun.ZTUN_LISTENER_DELIVER
 TLS_CHACHA20 = cztun.ZTUN_TLS_CHACHA20
 TLS_RESUMPTION = cztun.ZTUN_TLS_RESUMPTION
 TLS_ANY_TRUST_DOMAIN = cztun.ZTUN_TLS_ANY_TRUST_DOMAIN
@@ -61,6 +63,13 @@ EV_CONNECT_DONE = cztun.ZTUN_EV_CONNECT_DONE
 EVMASK_OPEN = cztun.ZTUN_EVMASK_OPEN
 EVMASK_CLOSE = cztun.ZTUN_EVMASK_CLOSE
 EVMASK_LOG = cztun.ZTUN_EVMASK_LOG
+
+_EV_NAMES = {
+    cztun.ZTUN_EV_CONN_OPEN: "open",
+    cztun.ZTUN_EV_CONN_CLOSE: "close",
+    cztun.ZTUN_EV_CONNECT_DONE: "connect_done",
+    cztun.ZTUN_EV_ACCEPT: "accept",
+}
 
 CLOSE_REASONS = tuple(
     cztun.ztun_close_reason_name(i).decode() for i in range(cztun.ZTUN_CLOSE__COUNT)
@@ -229,7 +238,8 @@ cdef object _parse_event(const char *p):
     cdef const cztun.ztun_event_conn *c
     cdef const cztun.ztun_event_log *lg
     cdef const char *tail
-    if h.type == cztun.ZTUN_EV_CONN_OPEN or h.type == cztun.ZTUN_EV_CONN_CLOSE:
+    if h.type in (cztun.ZTUN_EV_CONN_OPEN, cztun.ZTUN_EV_CONN_CLOSE, cztun.ZTUN_EV_CONNECT_DONE,
+                  cztun.ZTUN_EV_ACCEPT):
         c = <const cztun.ztun_event_conn *>p
         tail = p + sizeof(cztun.ztun_event_conn)
         off = 0
@@ -239,7 +249,8 @@ cdef object _parse_event(const char *p):
             off += n
         peer, detail, local, trace, baggage = strs
         return {
-            "type": "open" if h.type == cztun.ZTUN_EV_CONN_OPEN else "close",
+            "type": _EV_NAMES[h.type],
+            "fd": c.fd,
             "worker": h.worker,
             "conn_id": c.conn_id,
             "listener_id": c.listener_id,
@@ -372,7 +383,7 @@ cdef class Engine:
         spec.backlog = backlog
         spec.workload = workload
         spec.flags = flags
-        if fd < 0:
+        if fd < 0 and not (flags & cztun.ZTUN_LISTENER_VIRTUAL):
             if bind is None:
                 raise ValueError("listen: an address or a listening socket is required")
             spec.bind_len = _to_sockaddr(bind, &spec.bind, "listen")
@@ -425,6 +436,21 @@ cdef class Engine:
             rc = cztun.ztun_engine_set_listener_tls(self._e, listener_id, tls._ctx)
         _check(rc, f"listener {listener_id}")
         self._tls_keep[listener_id] = tls
+
+    def adopt(self, uint32_t listener_id, int fd, object target=None,
+              uint64_t request_id=0) -> None:
+        """Hand a connected stream socket (the engine owns fd afterwards) to a virtual
+        listener; a "connect_done" event with request_id reports the outcome."""
+        cdef sockaddr_storage ss
+        cdef sockaddr_storage *ptarget = NULL
+        cdef int rc
+        self._alive()
+        if target is not None:
+            _to_sockaddr(target, &ss, "target")
+            ptarget = &ss
+        with nogil:
+            rc = cztun.ztun_engine_adopt(self._e, listener_id, fd, ptarget, request_id)
+        _check(rc, f"listener {listener_id}")
 
     def pause_accept(self) -> None:
         cdef int rc

@@ -76,6 +76,11 @@ enum {
 	ZTUN_LISTENER_POLICY = 1u << 0,
 	/* Take the original destination from SO_ORIGINAL_DST (transparent capture). */
 	ZTUN_LISTENER_ORIGINAL_DST = 1u << 1,
+	/* No socket: connections are handed in with ztun_engine_adopt(). */
+	ZTUN_LISTENER_VIRTUAL = 1u << 2,
+	/* HBONE_IN: instead of dialing the authority, hand each accepted stream to the
+	 * caller as one end of a socketpair (a ZTUN_EV_ACCEPT event carries the fd). */
+	ZTUN_LISTENER_DELIVER = 1u << 3,
 };
 
 int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out);
@@ -95,6 +100,13 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id);
 int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx);
 /* Stop accepting on every listener but keep live connections (drain begins). */
 int ztun_engine_pause_accept(ztun_engine *e);
+/* Carry an already-connected stream socket (e.g. a socketpair end) through a
+ * VIRTUAL listener as if it had been accepted there. The engine owns fd from now
+ * on. target (may be NULL) overrides the listener's target (HBONE authority).
+ * When the tunnel is up or has failed, a ZTUN_EV_CONNECT_DONE event carries
+ * request_id with the outcome. */
+int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
+		      uint64_t request_id);
 
 /* Policy: the engine takes ownership of the table (NULL removes policy). Live
  * connections are re-checked against the new table and newly denied ones closed. */
@@ -154,6 +166,7 @@ enum ztun_event_type {
 	ZTUN_EV_CONN_CLOSE = 2,  /* a connection finished (the access-log record) */
 	ZTUN_EV_LOG = 3,         /* a log line from the engine */
 	ZTUN_EV_CONNECT_DONE = 4, /* an adopted connection's result (request id, status) */
+	ZTUN_EV_ACCEPT = 5,       /* DELIVER listeners: a tunnelled connection for the caller (fd) */
 };
 enum {
 	ZTUN_EVMASK_OPEN = 1u << 0,
@@ -192,7 +205,8 @@ struct ztun_event_conn {
 	uint16_t local_id_len;       /* our own SPIFFE ID on this connection */
 	uint16_t trace_len;          /* HBONE: traceparent */
 	uint16_t baggage_len;        /* HBONE: baggage received */
-	uint16_t _pad[3];
+	uint16_t _pad;
+	int32_t fd;                  /* ACCEPT: the caller's end of the socketpair */
 	/* followed by peer_id, detail, local_id, trace and baggage bytes (no NULs) */
 };
 struct ztun_event_log {
