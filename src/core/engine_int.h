@@ -56,6 +56,19 @@ struct zpolicy *zpolicy_new(ztun_policy *table);
 void zpolicy_get(struct zpolicy *p);
 void zpolicy_put(struct zpolicy *p);
 
+/* The destination directory (outbound.c), sorted by address, shared read-only. */
+struct zdirent {
+	uint8_t ip[16];
+	struct ztls_expect *expect; /* NULL: passthrough */
+	struct sockaddr_storage via;
+};
+struct zdir {
+	_Atomic int refs;
+	uint32_t n;
+	struct zdirent *v;
+};
+void zdir_put(struct zdir *d);
+
 /* Counters each worker updates with relaxed atomics; summed on read. */
 struct zstats {
 	_Atomic uint64_t bytes[2]; /* [0] down->up, [1] up->down */
@@ -171,6 +184,8 @@ struct ztun_engine {
 	struct zlistener **listeners;
 	int nlisteners, caplisteners;
 	struct zpolicy *policy;
+	pthread_mutex_t dir_lock;
+	struct zdir *dir;
 	int state;               /* 0 new, 1 running, 2 stopped */
 };
 

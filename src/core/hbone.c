@@ -750,7 +750,7 @@ static int h2_session_new(struct zh2 *h)
 	return 0;
 }
 
-static struct zh2 *h2_new(struct zworker *w, struct zlistener *l, int server)
+static struct zh2 *h2_new(struct zworker *w, struct zlistener *l, int server, struct ztls_expect *expect)
 {
 	struct zh2 *h = calloc(1, sizeof(*h));
 
@@ -775,9 +775,10 @@ static struct zh2 *h2_new(struct zworker *w, struct zlistener *l, int server)
 	h->tls = ztun_tls_ctx_ref(l->tls);
 	pthread_mutex_unlock(&l->tls_lock);
 	if (!server) {
-		h->expect = ztls_expect_ref(l->expect);
-		h->hs->expect = ztls_expect_ref(l->expect);
-		h->hs->slot = &l->slot;
+		h->expect = ztls_expect_ref(expect);
+		h->hs->expect = ztls_expect_ref(expect);
+		/* Resumption: one slot per listener, only when the listener has one hop. */
+		h->hs->slot = expect == l->expect ? &l->slot : NULL;
 	}
 	h->idle_since = w->now;
 	zstat_add(&w->stats.h2_opened, 1);
@@ -969,7 +970,7 @@ static int h2_begin_tls(struct zh2 *h)
 
 void zh2_accept(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *src)
 {
-	struct zh2 *h = h2_new(w, l, 1);
+	struct zh2 *h = h2_new(w, l, 1, NULL);
 
 	if (!h) {
 		close(fd);
@@ -1019,7 +1020,8 @@ static uint32_t stream_limit(const struct zh2 *h)
 
 /* Pool key: (our identity, acceptable peer identities, dialed address). The source
  * address is the kernel's choice for every connection we make, so it is implied. */
-static struct zh2 *pool_find(struct zworker *w, struct zlistener *l)
+static struct zh2 *pool_find(struct zworker *w, struct zlistener *l, const struct sockaddr_storage *hop,
+			     const struct ztls_expect *expect)
 {
 	const char *me;
 	struct zh2 *best = NULL;
@@ -1031,8 +1033,8 @@ static struct zh2 *pool_find(struct zworker *w, struct zlistener *l)
 
 		if (h->server || h->state > H2_ACTIVE || !h->tls)
 			continue;
-		if (strcmp(h->tls->identity, me) != 0 || !same_addr(&h->peer, &l->upstream) ||
-		    !same_expect(h->expect, l->expect))
+		if (strcmp(h->tls->identity, me) != 0 || !same_addr(&h->peer, hop) ||
+		    !same_expect(h->expect, expect))
 			continue;
 		if (h->nstreams >= stream_limit(h))
 			continue;
@@ -1044,10 +1046,10 @@ static struct zh2 *pool_find(struct zworker *w, struct zlistener *l)
 	return best;
 }
 
-static struct zh2 *pool_dial(struct zworker *w, struct zlistener *l)
+static struct zh2 *pool_dial(struct zworker *w, struct zlistener *l, const struct sockaddr_storage *dst,
+			     struct ztls_expect *expect)
 {
-	struct zh2 *h = h2_new(w, l, 0);
-	const struct sockaddr_storage *dst = &l->upstream;
+	struct zh2 *h = h2_new(w, l, 0, expect);
 	socklen_t dlen = dst->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
 	int one = 1;
 
@@ -1112,17 +1114,24 @@ static void h2_submit_request(struct zh2 *h, struct zflow *f)
 void zh2_open_outbound(struct zworker *w, struct zflow *f)
 {
 	struct zlistener *l = f->l;
-	struct zh2 *h = pool_find(w, l);
+	struct zh2 *h;
 
+	if (!f->hop.ss_family) {
+		/* A static HBONE_OUT listener: its upstream, its expectations. */
+		f->hop = l->upstream;
+		if (!f->expect)
+			f->expect = ztls_expect_ref(l->expect);
+	}
+	h = pool_find(w, l, &f->hop, f->expect);
 	if (!h) {
-		h = pool_dial(w, l);
+		h = pool_dial(w, l, &f->hop, f->expect);
 		if (!h) {
 			zflow_set_detail(f, "cannot reach the HBONE peer");
 			zflow_close(w, f, ZTUN_CLOSE_CONNECT_ERROR, END_RESET, END_RESET);
 			return;
 		}
 	}
-	f->dst = l->upstream;
+	f->dst = f->hop;
 	f->ep[1].kind = EP_STREAM;
 	f->ep[1].h2 = h;
 	f->ep[1].stream_id = 0; /* submitted when the connection is ready */
