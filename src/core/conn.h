@@ -120,6 +120,7 @@ struct zflow {
 	struct sockaddr_storage hop;  /* HBONE out: the HBONE server dialed (ip:15008) */
 	struct ztls_expect *expect;   /* HBONE out: identities the server may present */
 	uint8_t socks;                /* SOCKS5: negotiation step; 0 when not SOCKS */
+	uint8_t staged;               /* HBONE: has DATA chunks staged in the read buffer */
 };
 
 /* ---- sockio.c: endpoint I/O ---------------------------------------------- */

@@ -482,7 +482,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->h2s);
 	zlist_init(&w->h2dirty);
 	zlist_init(&w->h2zombies);
-	w->scratch = malloc(64 * 1024);
+	w->scratch = malloc(ZTUN_SCRATCH_BYTES);
 	if (!w->scratch)
 		return ZTUN_ENOMEM;
 	if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || (!w->rng[0] && !w->rng[1])) {

@@ -127,6 +127,17 @@ struct zcmd {
 };
 
 struct zpipe;
+struct zflow;
+
+/* HBONE: received DATA chunks not yet written, pointing into the read buffer. */
+#define ZTUN_STAGE_MAX 64
+#define ZTUN_SCRATCH_BYTES (256u * 1024)
+struct zstage {
+	struct zflow *f;
+	const uint8_t *p;
+	uint32_t len;
+	int32_t sid;
+};
 
 struct zworker {
 	struct ztun_engine *e;
@@ -159,6 +170,8 @@ struct zworker {
 	struct zlist h2dirty;   /* ... with output to produce */
 	struct zlist h2zombies; /* ... closed, freed after the batch */
 	char *scratch;          /* TLS read buffer for HTTP/2 input */
+	struct zstage stage[ZTUN_STAGE_MAX];
+	uint32_t nstage;
 	uint64_t rng[2];        /* trace ids */
 
 	struct zpolicy *policy; /* this worker's reference, NULL: no policy */
