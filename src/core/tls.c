@@ -347,6 +347,18 @@ void ztls_slot_init(struct ztls_session_slot *s)
 	s->sess = NULL;
 }
 
+void ztls_slot_clear(struct ztls_session_slot *s)
+{
+	SSL_SESSION *old;
+
+	pthread_mutex_lock(&s->mu);
+	old = s->sess;
+	s->sess = NULL;
+	pthread_mutex_unlock(&s->mu);
+	if (old)
+		SSL_SESSION_free(old);
+}
+
 void ztls_slot_destroy(struct ztls_session_slot *s)
 {
 	if (s->sess)
