@@ -67,7 +67,7 @@ def _pid_alive(pid: int) -> bool:
 
 def cleanup_stale() -> list[str]:
     """Remove ``ztd-<pid hex>-*`` namespaces whose creating process is gone."""
-    from pyroute2 import netns
+    from pyroute2 import netns  # type: ignore[import-untyped,unused-ignore]
 
     removed = []
     with contextlib.suppress(FileNotFoundError):
@@ -159,7 +159,7 @@ class Cluster:
         cleanup_stale()
 
     def _netns(self, suffix: str) -> str:
-        from pyroute2 import netns
+        from pyroute2 import netns  # type: ignore[import-untyped,unused-ignore]
 
         name = f"{self.base}-{suffix}"
         netns.create(name)
@@ -168,7 +168,7 @@ class Cluster:
 
     def add_nodes(self, *names: str) -> list[NodeNs]:
         """Create nodes joined by one link (two nodes) — enough for the demo and tests."""
-        from pyroute2 import NetNS
+        from pyroute2 import NetNS  # type: ignore[import-untyped,unused-ignore]
 
         if len(names) != 2 or self.nodes:
             raise ValueError("a Cluster has exactly two nodes")
@@ -206,7 +206,7 @@ class Cluster:
         service_account: str | None = None,
         labels: dict[str, str] | None = None,
     ) -> WorkloadNs:
-        from pyroute2 import NetNS
+        from pyroute2 import NetNS  # type: ignore[import-untyped,unused-ignore]
 
         k = len(node.workloads) + 1
         w = WorkloadNs(
@@ -250,7 +250,7 @@ class Cluster:
                     time.sleep(0.05)
 
     def close(self) -> None:
-        from pyroute2 import netns
+        from pyroute2 import netns  # type: ignore[import-untyped,unused-ignore]
 
         errors = []
         for name in reversed(self._created):
