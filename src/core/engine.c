@@ -482,7 +482,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->h2s);
 	zlist_init(&w->h2dirty);
 	zlist_init(&w->h2zombies);
-	w->scratch = malloc(64 * 1024);
+	w->scratch = malloc(ZTUN_SCRATCH_BYTES);
 	if (!w->scratch)
 		return ZTUN_ENOMEM;
 	if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || (!w->rng[0] && !w->rng[1])) {
@@ -564,6 +564,7 @@ int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out)
 	e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	pthread_mutex_init(&e->ev_lock, NULL);
 	pthread_mutex_init(&e->lock, NULL);
+	pthread_mutex_init(&e->dir_lock, NULL);
 	atomic_store(&e->ev_armed, 1);
 	atomic_store(&e->next_conn_id, 1);
 	atomic_store(&e->next_listener_id, 1);
@@ -664,6 +665,8 @@ void ztun_engine_free(ztun_engine *e)
 		zlistener_put(e->listeners[i]);
 	free(e->listeners);
 	zpolicy_put(e->policy);
+	zdir_put(e->dir);
+	pthread_mutex_destroy(&e->dir_lock);
 	if (e->evfd >= 0)
 		close(e->evfd);
 	pthread_mutex_destroy(&e->ev_lock);
@@ -694,7 +697,7 @@ static int make_listen_socket(const struct ztun_listener_spec *s, int *out)
 
 static int valid_mode(int mode)
 {
-	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_HBONE_OUT;
+	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_SOCKS5;
 }
 
 int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *spec, uint32_t *id,
@@ -703,12 +706,13 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	struct zlistener *l;
 	struct zcmd add = {.type = CMD_ADD_LISTENER};
 	int fd = -1, rc;
+	/* SOCKS5 may route over HBONE: it needs the identity too. */
 	int need_tls = spec->mode != ZTUN_MODE_FORWARD;
 
 	if (!valid_mode(spec->mode) || (need_tls && !spec->tls))
 		return ZTUN_EINVAL;
-	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->upstream_len == 0 &&
-	    !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
+	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->mode != ZTUN_MODE_SOCKS5 &&
+	    spec->upstream_len == 0 && !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
 		return ZTUN_EINVAL;
 	if ((spec->flags & ZTUN_LISTENER_VIRTUAL) && spec->mode == ZTUN_MODE_HBONE_IN)
 		return ZTUN_EINVAL;

@@ -8,6 +8,7 @@ MODE_TLS_OUT: int
 MODE_TLS_IN: int
 MODE_HBONE_IN: int
 MODE_HBONE_OUT: int
+MODE_SOCKS5: int
 LISTENER_POLICY: int
 LISTENER_ORIGINAL_DST: int
 LISTENER_VIRTUAL: int
@@ -82,6 +83,9 @@ class Engine:
         fd: int,
         target: tuple[Any, ...] | None = None,
         request_id: int = 0,
+    ) -> None: ...
+    def set_directory(
+        self, entries: Iterable[tuple[str, str | None, tuple[str, int] | None]]
     ) -> None: ...
     def pause_accept(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...

@@ -49,6 +49,7 @@ MODE_TLS_OUT = cztun.ZTUN_MODE_TLS_OUT
 MODE_TLS_IN = cztun.ZTUN_MODE_TLS_IN
 MODE_HBONE_IN = cztun.ZTUN_MODE_HBONE_IN
 MODE_HBONE_OUT = cztun.ZTUN_MODE_HBONE_OUT
+MODE_SOCKS5 = cztun.ZTUN_MODE_SOCKS5
 LISTENER_POLICY = cztun.ZTUN_LISTENER_POLICY
 LISTENER_ORIGINAL_DST = cztun.ZTUN_LISTENER_ORIGINAL_DST
 LISTENER_VIRTUAL = cztun.ZTUN_LISTENER_VIRTUAL
@@ -451,6 +452,36 @@ cdef class Engine:
         with nogil:
             rc = cztun.ztun_engine_adopt(self._e, listener_id, fd, ptarget, request_id)
         _check(rc, f"listener {listener_id}")
+
+    def set_directory(self, entries) -> None:
+        """Replace the directory of mesh destinations: (ip, spiffe_id or None, via or None)."""
+        cdef list rows = list(entries)
+        cdef int n = len(rows), i, rc
+        cdef cztun.ztun_dir_entry *v = NULL
+        self._alive()
+        keep = []
+        v = <cztun.ztun_dir_entry *>malloc((n if n else 1) * sizeof(cztun.ztun_dir_entry))
+        if v == NULL:
+            raise MemoryError()
+        try:
+            memset(v, 0, (n if n else 1) * sizeof(cztun.ztun_dir_entry))
+            for i in range(n):
+                ip, ident, via = rows[i]
+                addr = ipaddress.ip_address(ip)
+                packed = (ipaddress.IPv6Address(f"::ffff:{addr}").packed if addr.version == 4
+                          else addr.packed)
+                memcpy(v[i].ip, <const char *>packed, 16)
+                if ident is not None:
+                    b = ident.encode()
+                    keep.append(b)
+                    v[i].identity = b
+                if via is not None:
+                    _to_sockaddr(via, &v[i].via, "via")
+            with nogil:
+                rc = cztun.ztun_engine_set_directory(self._e, v, n)
+        finally:
+            free(v)
+        _check(rc, "directory")
 
     def pause_accept(self) -> None:
         cdef int rc

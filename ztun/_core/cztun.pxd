@@ -58,6 +58,7 @@ cdef extern from "ztun/engine.h" nogil:
         ZTUN_MODE_TLS_IN
         ZTUN_MODE_HBONE_IN
         ZTUN_MODE_HBONE_OUT
+        ZTUN_MODE_SOCKS5
         ZTUN_LISTENER_POLICY
         ZTUN_LISTENER_ORIGINAL_DST
         ZTUN_LISTENER_VIRTUAL
@@ -164,6 +165,11 @@ cdef extern from "ztun/engine.h" nogil:
     int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd,
                           const sockaddr_storage *target, uint64_t request_id)
     int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
+    struct ztun_dir_entry:
+        unsigned char ip[16]
+        const char *identity
+        sockaddr_storage via
+    int ztun_engine_set_directory(ztun_engine *e, const ztun_dir_entry *entries, int n)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)
     int ztun_engine_event_fd(const ztun_engine *e)
