@@ -284,9 +284,11 @@ class Listeners(_Model):
     # Inside each local workload's namespace.
     inbound: Port = HBONE_PORT
     inbound_bind: IpAddress = "0.0.0.0"
-    # SOCKS5 outbound (ztunnel's 15080) and, for capture (issue 8), the outbound and
-    # plaintext-inbound ports: reserved, not served yet.
-    socks5: Port | None = None
+    # SOCKS5 outbound entry point (ztunnel's 15080) inside each local workload's
+    # namespace, on socks5Bind; null: none.
+    socks5: Port | None = SOCKS5_PORT
+    socks5_bind: IpAddress = "127.0.0.1"
+    # Transparent capture (issue 8): the outbound and plaintext-inbound ports (reserved).
     outbound: Port | None = None
     inbound_plaintext: Port | None = None
 
@@ -454,7 +456,8 @@ def _semantic_errors(
         if w.forwards and w.protocol is not Protocol.HBONE:
             err(("workloads", i, "forwards"), "forwards need an HBONE (in-mesh) workload")
         ports: dict[tuple[str, int], int] = {}
-        reserved = {cfg.listeners.inbound, cfg.listeners.socks5} - {None}
+        li = cfg.listeners
+        reserved = {li.inbound, li.socks5, li.outbound, li.inbound_plaintext} - {None}
         for k, f in enumerate(w.forwards):
             path = ("workloads", i, "forwards", k)
             if (f.bind, f.port) in ports:

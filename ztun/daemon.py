@@ -56,6 +56,7 @@ from ztun.config import Config, ConfigErrors, LoadedConfig, Protocol, Workload
 from ztun.errors import ConfigError, IdentityError, ZtunError
 from ztun.events import ConnectionEvent
 from ztun.identity import IdentitySource, SpiffeId, Svid, TrustBundle
+from ztun.mesh import Destination
 from ztun.metrics import (
     OK_REASONS,
     ConnectionRecord,
@@ -87,7 +88,7 @@ RECONCILE_INTERVAL = 1.0
 RETRY_BACKOFF = 5.0
 MUTUAL_TLS = "mutual_tls"
 
-_MODE_FORWARD, _MODE_TLS_OUT, _MODE_HBONE_IN, _MODE_HBONE_OUT = 1, 2, 4, 5
+_MODE_FORWARD, _MODE_TLS_OUT, _MODE_HBONE_IN, _MODE_HBONE_OUT, _MODE_SOCKS5 = 1, 2, 4, 5, 6
 
 
 def _tunnel_accepts(method: Callable[..., Any], name: str) -> bool:
@@ -150,6 +151,7 @@ class WorkloadRuntime:
         self.name = name  # unique engine name (metrics keys): "ns/name#generation"
         self.tunnel: Tunnel | None = None
         self.inbound: HboneServer | None = None
+        self.socks5: Forward | None = None
         self.forwards: dict[tuple[str, int], tuple[ResolvedForward, Forward]] = {}
         self.listeners: dict[int, ListenerInfo] = {}
         self.error: str | None = None
@@ -193,6 +195,9 @@ class WorkloadRuntime:
     def close_listeners(self) -> None:
         for key in list(self.forwards):
             self.close_forward(key)
+        if self.socks5 is not None:
+            self.socks5.close()
+            self.socks5 = None
         if self.inbound is not None:
             self.inbound.close()
 
@@ -200,6 +205,8 @@ class WorkloadRuntime:
         listeners: list[dict[str, Any]] = []
         if self.inbound is not None:
             listeners.append({"kind": "hbone_inbound", "address": _addr(self.inbound.address)})
+        if self.socks5 is not None:
+            listeners.append({"kind": "socks5", "address": _addr(self.socks5.address)})
         for f, h in self.forwards.values():
             d: dict[str, Any] = {
                 "kind": "forward",
@@ -465,6 +472,9 @@ class Daemon:
             serve_kw["policy"] = True
         forwards = self._resolve_forwards(cfg, w)
         listen = (cfg.listeners.inbound_bind, cfg.listeners.inbound)
+        directory = _directory(cfg)
+        li = cfg.listeners
+        socks = (li.socks5_bind, li.socks5) if li.socks5 is not None else None
 
         def start() -> Tunnel:
             # On a thread inside the workload's namespace: the engine's worker threads
@@ -476,6 +486,10 @@ class Daemon:
                 rt.unsubscribe = t.subscribe(functools.partial(self._on_event, rt))
                 rt.inbound = t.serve(listen, **serve_kw)
                 rt.listeners[rt.inbound.id] = ListenerInfo("inbound")
+                t.set_directory(directory)
+                if socks is not None:
+                    rt.socks5 = t.socks5(socks)
+                    rt.listeners[rt.socks5.id] = ListenerInfo("socks5")
                 for f in forwards:
                     rt.open_forward(f)
             except BaseException:
@@ -636,8 +650,13 @@ class Daemon:
                 with contextlib.suppress(Exception):
                     fn()
             raise
-        # 2. Commit: policies, new and replaced engines, removed workloads, certificates.
+        # 2. Commit: directory, policies, new and replaced engines, removed workloads,
+        # certificates.
         self.loaded = new
+        directory = _directory(nc)
+        for key, rt in self._runtimes.items():
+            if key in want and key not in started and rt.tunnel is not None:
+                rt.tunnel.set_directory(directory)
         if self._policy_ok:
             for key, rt in self._runtimes.items():
                 if key in want and key not in started and rt.tunnel is not None:
@@ -693,6 +712,10 @@ class Daemon:
         listen = (cfg.listeners.inbound_bind, cfg.listeners.inbound)
         rt.inbound = rt.in_netns(rt.tunnel.serve, listen, **serve_kw)
         rt.listeners[rt.inbound.id] = ListenerInfo("inbound")
+        li = cfg.listeners
+        if li.socks5 is not None:
+            rt.socks5 = rt.in_netns(rt.tunnel.socks5, (li.socks5_bind, li.socks5))
+            rt.listeners[rt.socks5.id] = ListenerInfo("socks5")
         for f in self._resolve_forwards(cfg, rt.spec):
             rt.open_forward(f)
 
@@ -724,7 +747,10 @@ class Daemon:
         me = rt.spec
         td = cfg.trust_domain
         by_ip = cfg.by_ip()
-        mtls = ev.mode in (_MODE_TLS_OUT, _MODE_HBONE_IN, _MODE_HBONE_OUT)
+        # SOCKS5 routes per connection: mTLS when the directory sent it over HBONE
+        mtls = ev.mode in (_MODE_TLS_OUT, _MODE_HBONE_IN, _MODE_HBONE_OUT) or (
+            ev.mode == _MODE_SOCKS5 and bool(ev.peer_id)
+        )
         security = MUTUAL_TLS if mtls else "unknown"
         info = rt.listeners.get(ev.listener_id)
         if ev.mode == _MODE_HBONE_IN:
@@ -781,7 +807,7 @@ class Daemon:
             "src.namespace": me.namespace,
             "src.identity": str(rt.spiffe_id) if mtls else None,
             "dst.addr": _addr(ev.dst),
-            "dst.hbone_addr": _addr(target) if ev.mode == _MODE_HBONE_OUT else None,
+            "dst.hbone_addr": _addr(target) if mtls and ev.mode != _MODE_TLS_OUT else None,
             "dst.workload": labels.destination_workload,
             "dst.namespace": labels.destination_workload_namespace,
             "dst.identity": (ev.peer_id or dst_id) if mtls else None,
@@ -1068,6 +1094,19 @@ class Daemon:
         if self._admin is not None:
             self._admin.close()
         log.info("drained in %.1fs; bye", time.monotonic() - t0)
+
+
+def _directory(cfg: Config) -> list[Destination]:
+    """Every workload's addresses for the engines' routed outbound (SOCKS5, capture):
+    HBONE workloads with their identity and HBONE port, the others as passthrough."""
+    out = []
+    for w in cfg.workloads:
+        hbone = w.protocol is Protocol.HBONE
+        sid = str(w.spiffe_id(cfg.trust_domain)) if hbone else None
+        for ip in w.workload_ips:
+            via = (ip, cfg.listeners.inbound) if hbone else None
+            out.append(Destination(ip, sid, via))
+    return out
 
 
 def _engine_fields(w: Workload) -> tuple[Any, ...]:

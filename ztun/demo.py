@@ -46,7 +46,16 @@ from typing import Any
 
 from ztun.netns import listen_in_netns, run_in_netns
 
-__all__ = ["Cluster", "EchoServer", "NodeNs", "WorkloadNs", "Ztund", "node_config", "write_yaml"]
+__all__ = [
+    "Cluster",
+    "EchoServer",
+    "NodeNs",
+    "WorkloadNs",
+    "Ztund",
+    "node_config",
+    "socks5_handshake",
+    "write_yaml",
+]
 
 NETNS_DIR = "/run/netns"
 PREFIX = "ztd-"
@@ -562,3 +571,29 @@ class EchoServer:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
         self._thread.join(2)
+
+
+def socks5_handshake(sock: socket.socket, ip: str, port: int) -> None:
+    """RFC 1928 CONNECT to an IPv4/IPv6 literal, no authentication; OSError on refusal."""
+    import ipaddress
+
+    sock.sendall(b"\x05\x01\x00")
+    if _recv_exact(sock, 2) != b"\x05\x00":
+        raise OSError("SOCKS5: no acceptable method")
+    addr = ipaddress.ip_address(ip)
+    atyp = b"\x01" if addr.version == 4 else b"\x04"
+    sock.sendall(b"\x05\x01\x00" + atyp + addr.packed + port.to_bytes(2, "big"))
+    head = _recv_exact(sock, 4)
+    if head[1] != 0:
+        raise ConnectionRefusedError(f"SOCKS5: CONNECT {ip}:{port} refused (reply {head[1]})")
+    _recv_exact(sock, (4 if head[3] == 1 else 16) + 2)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise OSError("connection closed during SOCKS5 negotiation")
+        buf += chunk
+    return buf
