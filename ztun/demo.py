@@ -30,18 +30,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ztun.netns import listen_in_netns, run_in_netns
@@ -52,7 +56,10 @@ __all__ = [
     "NodeNs",
     "WorkloadNs",
     "Ztund",
+    "main",
+    "metric_value",
     "node_config",
+    "run_demo",
     "socks5_handshake",
     "write_yaml",
 ]
@@ -402,15 +409,29 @@ class Ztund:
             return [r for r in self.records if r.get("scope") == "ztun.access"]
 
     def start(self) -> Ztund:
-        argv = [self.python, "-m", "ztun", "run", "--config", self.config_path,
-                "--log-format", "json"]  # fmt: skip
+        argv = [
+            self.python,
+            "-m",
+            "ztun",
+            "run",
+            "--config",
+            self.config_path,
+            "--log-format",
+            "json",
+        ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = self.node.run(
-            subprocess.Popen, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, env=env, start_new_session=True,
-        )  # fmt: skip
-        self._reader = threading.Thread(target=self._read, name=f"ztund-log-{self.node.name}",
-                                        daemon=True)  # fmt: skip
+            subprocess.Popen,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(
+            target=self._read, name=f"ztund-log-{self.node.name}", daemon=True
+        )
         self._reader.start()
         return self
 
@@ -597,3 +618,506 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
             raise OSError("connection closed during SOCKS5 negotiation")
         buf += chunk
     return buf
+
+
+# ---------------------------------------------------------------------------------------
+# The demo
+
+POLICIES = """\
+# Who may talk to demo/api: the client only.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: api-allow-client
+  namespace: demo
+spec:
+  selector:
+    matchLabels: {app: api}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/client"]
+---
+# Who may talk to demo/db: the client only...
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: db-allow-client
+  namespace: demo
+spec:
+  selector:
+    matchLabels: {app: db}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/client"]
+---
+# ...and never the api, whatever else is allowed.
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-api-to-db
+  namespace: demo
+spec:
+  selector:
+    matchLabels: {app: db}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/api"]
+"""
+
+CHUNK = 1 << 20
+
+
+@dataclass
+class DemoConn:
+    """One application connection the demo makes, and what the daemons said about it."""
+
+    n: int
+    src: WorkloadNs
+    dst: WorkloadNs
+    port: int  # the forward port inside src's namespace
+    dst_port: int
+    expect_allowed: bool
+    size: int
+    sent: int = 0
+    received: int = 0
+    state: str = "waiting"
+    detail: str = ""
+    local_port: int = 0
+    verified: bool = False
+    trace: str | None = None
+    src_identity: str | None = None
+    dst_identity: str | None = None
+    decision: str | None = None
+    policy: str | None = None
+    error: str | None = None
+    inbound_seen: bool = False
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def path(self) -> str:
+        if self.src.node is self.dst.node:
+            return f"same node ({self.src.node.name})"
+        return f"cross-node {self.src.node.name} → {self.dst.node.name}"
+
+
+def _payload(seed: int, size: int) -> Iterator[bytes]:
+    """Deterministic chunks (SHA-256 in counter mode), so both ends can check the bytes."""
+    block = b"".join(hashlib.sha256(f"{seed}:{i}".encode()).digest() for i in range(CHUNK // 32))
+    left = size
+    i = 0
+    while left > 0:
+        n = min(CHUNK, left)
+        yield block[:n] if i % 2 == 0 else block[::-1][:n]
+        left -= n
+        i += 1
+
+
+def _drive(conn: DemoConn) -> None:
+    """Send ``size`` bytes through the forward, read the echo, compare SHA-256."""
+    conn.state = "connecting"
+    conn.started = time.monotonic()
+    try:
+        sock = conn.src.connect(("127.0.0.1", conn.port))
+    except OSError as e:
+        conn.state, conn.detail = "failed", f"connect: {e}"
+        conn.finished = time.monotonic()
+        return
+    conn.local_port = sock.getsockname()[1]
+    sock.settimeout(30)
+    want = hashlib.sha256()
+    got = hashlib.sha256()
+    errors: list[str] = []
+
+    def reader() -> None:
+        try:
+            while True:
+                data = sock.recv(1 << 18)
+                if not data:
+                    return
+                got.update(data)
+                conn.received += len(data)
+        except OSError as e:
+            errors.append(f"recv: {e.strerror or e}")
+
+    rt = threading.Thread(target=reader, daemon=True)
+    rt.start()
+    conn.state = "streaming"
+    try:
+        for chunk in _payload(conn.n, conn.size):
+            want.update(chunk)
+            sock.sendall(chunk)
+            conn.sent += len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        errors.append(f"send: {e.strerror or e}")
+    rt.join(60)
+    sock.close()
+    conn.finished = time.monotonic()
+    if conn.received == conn.size and got.digest() == want.digest() and not errors:
+        conn.verified = True
+        conn.state = "verified"
+        conn.detail = "SHA-256 of the echo matches"
+    elif conn.received == 0:
+        conn.state = "refused"
+        conn.detail = errors[0] if errors else "closed without a byte"
+    else:
+        conn.state = "failed"
+        conn.detail = errors[0] if errors else f"echo {conn.received} of {conn.size} bytes"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _short_id(sid: str | None) -> str:
+    """``spiffe://cluster.local/ns/demo/sa/api`` -> ``ns/demo/sa/api`` (one trust domain)."""
+    if not sid:
+        return "-"
+    rest = sid.removeprefix("spiffe://")
+    return rest.split("/", 1)[1] if "/" in rest else rest
+
+
+class _Correlator:
+    """Matches the daemons' access-log records with the demo's connections."""
+
+    def __init__(self, conns: list[DemoConn]) -> None:
+        self.conns = conns
+        self.lock = threading.Lock()
+        self.pending_inbound: list[dict[str, Any]] = []
+
+    def feed(self, rec: dict[str, Any]) -> None:
+        if rec.get("scope") != "ztun.access":
+            return
+        with self.lock:
+            if rec.get("direction") == "outbound":
+                for c in self.conns:
+                    if (
+                        c.local_port
+                        and rec.get("src.addr") == f"127.0.0.1:{c.local_port}"
+                        and (rec.get("src.workload") == c.src.name)
+                    ):
+                        c.trace = rec.get("trace")
+                        c.src_identity = rec.get("src.identity")
+                        c.dst_identity = c.dst_identity or rec.get("dst.identity")
+                        if rec.get("error"):
+                            c.error = rec["error"]
+                        if rec.get("status") == 401:
+                            c.decision = c.decision or "deny"
+            else:
+                self.pending_inbound.append(rec)
+            for r in list(self.pending_inbound):
+                for c in self.conns:
+                    if c.trace and r.get("trace") == c.trace:
+                        c.inbound_seen = True
+                        c.src_identity = r.get("src.identity") or c.src_identity
+                        c.dst_identity = r.get("dst.identity") or c.dst_identity
+                        c.decision = r.get("decision") or c.decision
+                        c.policy = r.get("policy") or c.policy
+                        if r.get("error"):
+                            c.error = r["error"]
+                        self.pending_inbound.remove(r)
+                        break
+
+
+def _conn_table(conns: list[DemoConn]) -> Any:
+    from rich.table import Table
+
+    t = Table(
+        title="connections: app → 127.0.0.1:<forward> → ztund ═ HBONE/mTLS ═ ztund → app",
+        title_justify="left",
+    )
+    t.add_column("#", justify="right")
+    t.add_column("from → to", no_wrap=True)
+    t.add_column("path")
+    t.add_column("SPIFFE IDs (spiffe://cluster.local/…)", no_wrap=True)
+    t.add_column("sent / echoed", justify="right")
+    t.add_column("decision (policy)")
+    t.add_column("result")
+    for c in conns:
+        ids = "…"
+        if c.src_identity or c.dst_identity:
+            ids = f"{_short_id(c.src_identity)}\n→ {_short_id(c.dst_identity)}"
+        if c.decision == "allow":
+            dec = f"[green]ALLOW[/]\n{c.policy or ''}"
+        elif c.decision == "deny":
+            dec = f"[red]DENY[/]\n{c.policy or ''}"
+        else:
+            dec = "…" if c.state not in ("verified", "refused", "failed") else "-"
+        style = {"verified": "green", "refused": "red", "failed": "bold red"}.get(c.state, "yellow")
+        result = f"[{style}]{c.state}[/]"
+        if c.detail and c.state in ("verified", "refused", "failed"):
+            result += f"\n[dim]{c.detail}[/]"
+        t.add_row(
+            str(c.n),
+            f"{c.src.key}\n→ {c.dst.key}:{c.dst_port}",
+            c.path,
+            ids,
+            f"{_human(c.sent)}\n{_human(c.received)}",
+            dec,
+            result,
+        )
+    return t
+
+
+_METRIC_COLUMNS = ("opened", "closed", "failed", "received", "sent")
+
+
+def _metrics_rows(text: str, node: str) -> list[list[str]]:
+    """One row per label set of the istio_tcp_* families scraped from a daemon."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {
+        "istio_tcp_connections_opened_total": "opened",
+        "istio_tcp_connections_closed_total": "closed",
+        "istio_tcp_connections_failed_total": "failed",
+        "istio_tcp_received_bytes_total": "received",
+        "istio_tcp_sent_bytes_total": "sent",
+    }
+    rows: dict[tuple[str, str, str, str], dict[str, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            col = names.get(smp.name)
+            if col is None:
+                continue
+            lb = smp.labels
+            key = (
+                lb["reporter"],
+                f"{lb['source_workload']} → {lb['destination_workload']}",
+                lb["response_flags"],
+                "mTLS" if lb["connection_security_policy"] == "mutual_tls" else "plain",
+            )
+            row = rows.setdefault(key, {})
+            row[col] = row.get(col, 0.0) + smp.value
+    out = []
+    for key, v in sorted(rows.items()):
+        cells = [f"{v.get(c, 0):.0f}" for c in _METRIC_COLUMNS[:3]]
+        cells += [_human(v.get(c, 0)) for c in _METRIC_COLUMNS[3:]]
+        out.append([node, *key, *cells])
+    return out
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None = None) -> int:
+    """Build the cluster, run the daemons and the traffic, show it, tear down. Exit code."""
+    from rich.console import Console
+    from rich.live import Live
+    from rich.panel import Panel
+    from rich.table import Table
+
+    from ztun.daemon import policy_supported
+
+    con = console or Console()
+    if not con.is_terminal and con.width < 120:
+        con = Console(width=120, force_terminal=False)
+    if os.geteuid() != 0:
+        con.print("[red]The demo creates network namespaces: run it as root (sudo make demo).[/]")
+        return 1
+    t0 = time.monotonic()
+    enforce = policy_supported()
+    own_dir = workdir is None
+    work = Path(workdir or tempfile.mkdtemp(prefix="ztun-demo-"))
+    daemons: list[Ztund] = []
+    servers: list[EchoServer] = []
+    cluster: Cluster | None = None
+    ok = False
+    try:
+        con.rule("[bold]ztun demo: two nodes, three workloads, two ztund")
+        cluster = Cluster("demo")
+        a, b = cluster.add_nodes("node-a", "node-b")
+        client = cluster.add_workload(a, "client")
+        db = cluster.add_workload(a, "db")
+        api = cluster.add_workload(b, "api")
+        cluster.wait_reachable()
+        topo = Table.grid(padding=(0, 2))
+        for n in cluster.nodes:
+            topo.add_row(
+                f"[bold]{n.name}[/] {n.ip}", ", ".join(f"{w.key} {w.ip}" for w in n.workloads)
+            )
+        con.print(Panel(topo, title="network namespaces (198.18.0.0/15)", expand=False))
+
+        pol_dir = work / "policies"
+        pol_dir.mkdir(parents=True, exist_ok=True)
+        (pol_dir / "demo.yaml").write_text(POLICIES)
+        forwards = {
+            client.key: [(9080, "demo/api:8080"), (9081, "demo/db:5432")],
+            api.key: [(9082, "demo/db:5432")],
+        }
+        conns = [
+            DemoConn(1, client, api, 9080, 8080, True, size),
+            DemoConn(2, client, db, 9081, 5432, True, size),
+            DemoConn(3, api, db, 9082, 5432, False, size),
+        ]
+        corr = _Correlator(conns)
+        for node in cluster.nodes:
+            path = work / f"{node.name}.yaml"
+            write_yaml(
+                path,
+                node_config(
+                    cluster,
+                    node,
+                    ca_dir=str(work / "ca"),
+                    state_dir=str(work / node.name),
+                    policies=[str(pol_dir)] if enforce else [],
+                    forwards=forwards,
+                    drain_timeout="10s",
+                ),
+            )
+            daemons.append(
+                Ztund(node, path, log_path=work / f"{node.name}.log", on_log=corr.feed).start()
+            )
+        if not enforce:
+            con.print(
+                "[bold yellow]This build cannot enforce policy on HBONE inbound yet: "
+                "running without policies (connection 3 will not be denied).[/]"
+            )
+        for z in daemons:
+            z.wait_ready(60)
+        con.print(f"ztund ready on both nodes ([dim]configs and logs in {work}[/])")
+        servers = [EchoServer(api.listen(8080)), EchoServer(db.listen(5432))]
+
+        threads = [threading.Thread(target=_drive, args=(c,), daemon=True) for c in conns]
+        with Live(_conn_table(conns), console=con, refresh_per_second=8) as live:
+            for th in threads:
+                th.start()
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                live.update(_conn_table(conns))
+                done = all(not th.is_alive() for th in threads)
+                logged = all(c.inbound_seen or c.state == "failed" for c in conns)
+                if done and logged:
+                    break
+                time.sleep(0.1)
+            live.update(_conn_table(conns))
+        con.print()
+        texts = {z.node.name: z.metrics_text() for z in daemons}
+        mt = Table(title="metrics scraped from each ztund's /metrics", title_justify="left")
+        for col in ("node", "reporter", "source → destination", "flags", "security"):
+            mt.add_column(col)
+        for col in _METRIC_COLUMNS:
+            mt.add_column(col, justify="right")
+        for node_name, text in texts.items():
+            for row in _metrics_rows(text, node_name):
+                mt.add_row(*row)
+        con.print(mt)
+
+        problems = _check(conns, texts, enforce)
+        for p in problems:
+            con.print(f"[bold red]✗ {p}[/]")
+        if not problems:
+            con.print(
+                "[bold green]✓ allowed connections verified end to end (SHA-256), the "
+                "denied one refused by policy, metrics equal to the bytes sent[/]"
+            )
+        ok = not problems
+    except KeyboardInterrupt:
+        con.print("[yellow]interrupted: tearing down[/]")
+    except Exception as e:  # report, then tear down
+        con.print(f"[bold red]demo failed: {e}[/]")
+        for z in daemons:
+            con.print(f"[dim]{z.node.name} log tail:\n{z.tail()}[/]")
+    finally:
+        codes = []
+        for z in daemons:
+            with contextlib.suppress(Exception):
+                codes.append((z.node.name, z.stop(20)))
+        for s in servers:
+            s.close()
+        if cluster is not None:
+            try:
+                cluster.close()
+            except Exception as e:
+                con.print(f"[red]cleanup: {e}[/]")
+                ok = False
+        if own_dir and ok:
+            shutil.rmtree(work, ignore_errors=True)
+        if codes:
+            con.print(
+                "ztund drained and exited: "
+                + ", ".join(f"{n} → {c}" for n, c in codes)
+                + f"; namespaces removed; {time.monotonic() - t0:.1f} s in all"
+            )
+        if any(c != 0 for _, c in codes):
+            ok = False
+    return 0 if ok else 1
+
+
+def _check(conns: list[DemoConn], texts: dict[str, str], enforce: bool) -> list[str]:
+    problems = []
+    for c in conns:
+        if c.expect_allowed or not enforce:
+            if not c.verified:
+                problems.append(
+                    f"connection {c.n} ({c.src.key} → {c.dst.key}): {c.state} {c.detail}"
+                )
+                continue
+            # Both reporters count exactly the bytes of the connection.
+            for reporter, node in (("source", c.src.node.name), ("destination", c.dst.node.name)):
+                labels = {
+                    "reporter": reporter,
+                    "source_workload": c.src.name,
+                    "destination_workload": c.dst.name,
+                    "response_flags": "-",
+                }
+                got = metric_value(texts[node], "istio_tcp_received_bytes_total", **labels)
+                sent = metric_value(texts[node], "istio_tcp_sent_bytes_total", **labels)
+                if got != c.size or sent != c.size:
+                    problems.append(
+                        f"connection {c.n}: {node} reporter={reporter} received={got:.0f} "
+                        f"sent={sent:.0f}, expected {c.size} each"
+                    )
+        elif c.state != "refused" or c.decision != "deny":
+            problems.append(
+                f"connection {c.n} ({c.src.key} → {c.dst.key}) was not denied: "
+                f"{c.state} decision={c.decision}"
+            )
+    if not enforce:
+        problems.append("policy enforcement is missing in this build: no connection was denied")
+    return problems
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ztun.demo [--size MiB]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m ztun.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=32, help="MiB sent per connection (default 32)")
+    args = ap.parse_args(argv)
+
+    me = os.getpid()
+
+    def on_term(signum: int, _frame: object) -> None:
+        # pyroute2 forks helpers (netns.create) and stops them with SIGTERM: a child
+        # must not unwind the demo's stack (its finally blocks would tear down our
+        # namespaces), it just goes.
+        if os.getpid() != me:
+            os._exit(0)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    raise SystemExit(run_demo(size=args.size << 20))
+
+
+if __name__ == "__main__":
+    main()
