@@ -407,7 +407,17 @@ def _schema_errors(doc: YamlDocument, exc: pydantic.ValidationError) -> list[Con
 def _semantic_errors(
     doc: YamlDocument, cfg: Config, index: Sequence[int], base: Path, *, runtime: bool
 ) -> list[ConfigError]:
-    """Cross-field checks; ``index[j]`` is the file's index of ``cfg.workloads[j]``."""
+    """Cross-field checks; ``index[j]`` is the file's index of ``cfg.workloads[j]``.
+
+    Workloads left out for their own errors still count as forward targets (by name),
+    so one mistake is not reported twice.
+    """
+    raw = doc.data.get("workloads") if isinstance(doc.data, dict) else None
+    named = {
+        f"{w.get('namespace')}/{w.get('name')}"
+        for w in (raw if isinstance(raw, list) else [])
+        if isinstance(w, dict)
+    }
     errors: list[ConfigError] = []
 
     def err(path: Sequence[str | int], message: str) -> None:
@@ -471,7 +481,8 @@ def _semantic_errors(
             try:
                 dst, _ = cfg.resolve(w, f.to)
             except KeyError as e:
-                err((*path, "to"), f"no workload {e.args[0]} in this config")
+                if e.args[0] not in named:
+                    err((*path, "to"), f"no workload {e.args[0]} in this config")
                 continue
             if dst is not None and dst.key == w.key:
                 err((*path, "to"), "a forward to the workload itself")
@@ -567,7 +578,11 @@ def load_text(text: str | bytes, *, file: str = "<string>", runtime: bool = True
     """Validate a config given as text (see :func:`load`)."""
     from ztun.yamlpos import load_documents
 
-    return _validate(load_documents(text, file=file), file, runtime=runtime)
+    try:
+        docs = load_documents(text, file=file)
+    except ConfigError as e:  # unreadable, not YAML, duplicate keys
+        raise ConfigErrors([e]) from None
+    return _validate(docs, file, runtime=runtime)
 
 
 def load(path: str | os.PathLike[str], *, runtime: bool = True) -> LoadedConfig:
@@ -576,7 +591,11 @@ def load(path: str | os.PathLike[str], *, runtime: bool = True) -> LoadedConfig:
     ``runtime`` also checks what must exist on this machine (network namespaces of local
     workloads, certificate files); relative paths are relative to the file's folder.
     """
-    return _validate(load_file(path), os.fspath(path), runtime=runtime)
+    try:
+        docs = load_file(path)
+    except ConfigError as e:  # unreadable, not YAML, duplicate keys
+        raise ConfigErrors([e]) from None
+    return _validate(docs, os.fspath(path), runtime=runtime)
 
 
 def _validate(docs: list[YamlDocument], file: str, *, runtime: bool) -> LoadedConfig:
