@@ -929,6 +929,8 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 
 	if (f->state == FS_CLOSED)
 		return; /* closed earlier in this batch */
+	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		ep->rdhup = 1;
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
 		ep->rd_ready = 1;
 		if (ep->wr_wants_rd) {

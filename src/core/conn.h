@@ -62,6 +62,7 @@ struct zep {
 	uint8_t wr_wants_rd; /* TLS: the last write needs the socket readable */
 	uint8_t notify_sent; /* TLS: close_notify queued */
 	uint8_t deferred;    /* STREAM: our data provider is waiting for bytes */
+	uint8_t rdhup;       /* the peer's FIN (or a hangup) was signalled */
 	int fd;
 	SSL *ssl;
 	struct zbuf *tx;     /* TLS: records OpenSSL wrote, not yet sent (see tx BIO) */

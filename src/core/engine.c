@@ -404,10 +404,28 @@ static void *worker_main(void *arg)
 
 	w->now = ztun_now_mono();
 	w->next_tick = w->now + TICK_NS;
+	uint64_t spin_ns = (uint64_t)w->e->cfg.spin_us * 1000, last_work = 0;
+
 	for (;;) {
 		int busy = !zlist_empty(&w->again) || !zlist_empty(&w->h2dirty);
 		int timeout = busy ? 0 : (int)(TICK_NS / 1000000);
-		int n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		int n;
+
+		/* Low-latency mode: right after some work, poll without sleeping for a
+		 * little while, so the next packet of a request/response exchange does not
+		 * pay for a thread wake-up. */
+		if (!busy && spin_ns && last_work) {
+			uint64_t until = last_work + spin_ns;
+
+			do
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, 0);
+			while (n == 0 && ztun_now_precise() < until);
+			if (n == 0)
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		} else {
+			n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		}
+		last_work = n > 0 && spin_ns ? ztun_now_precise() : 0;
 
 		w->now = ztun_now_mono();
 		for (int i = 0; i < n; i++) {

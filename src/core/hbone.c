@@ -102,7 +102,14 @@ static void h2_submit_request(struct zh2 *h, struct zflow *f);
 
 static struct zflow *stream_flow(struct zh2 *h, int32_t sid)
 {
-	return h->s ? nghttp2_session_get_stream_user_data(h->s, sid) : NULL;
+	struct zflow *f;
+
+	/* A connection that died inside a callback still gets the rest of its input
+	 * parsed by nghttp2: nothing of it may reach a flow any more. */
+	if (!h->s || h->state == H2_DEAD)
+		return NULL;
+	f = nghttp2_session_get_stream_user_data(h->s, sid);
+	return f && f->state != FS_CLOSED ? f : NULL;
 }
 
 static int stream_side(const struct zh2 *h)
@@ -380,7 +387,7 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
 	struct zh2 *h = user;
 	struct zflow *f;
 
-	if (!h->server || frame->hd.type != NGHTTP2_HEADERS ||
+	if (!h->server || h->state == H2_DEAD || frame->hd.type != NGHTTP2_HEADERS ||
 	    frame->headers.cat != NGHTTP2_HCAT_REQUEST)
 		return 0;
 	f = zflow_new(h->w, h->l);

@@ -300,7 +300,8 @@ cdef class Engine:
     def __init__(self, int workers=0, uint32_t connect_timeout_ms=0,
                  uint32_t handshake_timeout_ms=0, uint32_t idle_timeout_ms=0,
                  uint32_t event_ring_bytes=0, uint32_t buf_small=0, uint32_t buf_large=0,
-                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0):
+                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0,
+                 uint32_t spin_us=0):
         cdef cztun.ztun_engine_config cfg
         cdef int rc
         if workers < 0 or workers > 256:
@@ -315,6 +316,7 @@ cdef class Engine:
         cfg.buf_large = buf_large
         cfg.events = events
         cfg.splice_pipe = splice_pipe
+        cfg.spin_us = spin_us
         with nogil:
             rc = cztun.ztun_engine_new(&cfg, &self._e)
         _check(rc, "engine")

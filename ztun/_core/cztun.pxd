@@ -51,6 +51,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint32_t buf_large
         uint32_t events
         uint32_t splice_pipe
+        uint32_t spin_us
 
     enum:
         ZTUN_MODE_FORWARD

@@ -33,6 +33,7 @@ struct ztun_engine_config {
 	uint32_t events;               /* ZTUN_EVMASK_* bits: which events to emit */
 	uint32_t splice_pipe;          /* TCP-to-TCP legs: splice(2) through pipes of this
 	                                * many bytes; 0: copy through buffers */
+	uint32_t spin_us;              /* after work, poll this long before sleeping; 0: never */
 };
 
 /* What a listener does with the connections it accepts. */
