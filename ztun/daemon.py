@@ -513,20 +513,10 @@ class Daemon:
 
     def _stop_runtime(self, rt: WorkloadRuntime, drain: float) -> threading.Thread | None:
         """Close a workload's listeners now; let its connections drain in the background."""
-        t = rt.tunnel
-        if t is None:
+        if rt.tunnel is None:
             return None
         rt.close_listeners()
-
-        def finish() -> None:
-            try:
-                t.close(drain=drain)
-            finally:
-                self.traffic.forget_engine(rt.name)
-
-        th = threading.Thread(target=finish, name=f"ztund-drain-{rt.spec.name}", daemon=True)
-        th.start()
-        return th
+        return self._drain_later(rt, drain)
 
     def _reconcile(self) -> None:
         """Start local workloads that are not running yet (identity pending, errors)."""

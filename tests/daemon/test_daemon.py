@@ -285,11 +285,21 @@ def test_sighup_applies_forwards_without_dropping_live_connections(mesh: Mesh) -
     live = mesh.client.connect(("127.0.0.1", 9080))  # on a forward the reload removes
     live.sendall(b"one")
     assert live.recv(10) == b"one"
+    serials = {c["identity"]: c["serial"] for c in mesh.a.get_json("/config_dump")["certificates"]}
     cfg = mesh.config("node-a", forwards={"demo/client": [(9085, "demo/api:8080")]})
     mesh.write_config("node-a", cfg)
     mesh.a.signal(signal.SIGHUP)
     mesh.wait_log(mesh.a, lambda r: r.get("message", "").startswith("reloaded"))
     assert mesh.a.get_json("/config_dump")["config"]["generation"] == 2
+    # SIGHUP also fetches the certificates again (the embedded CA issues new ones)
+    deadline = time.monotonic() + 10
+    while True:
+        dump = mesh.a.get_json("/config_dump")["certificates"]
+        now = {c["identity"]: c["serial"] for c in dump}
+        if now.keys() == serials.keys() and all(now[k] != serials[k] for k in now):
+            break
+        assert time.monotonic() < deadline, (serials, now)
+        time.sleep(0.1)
     with mesh.client.connect(("127.0.0.1", 9085)) as s:
         assert echo_roundtrip(s, b"new") == b"new"
     with pytest.raises(ConnectionRefusedError):
