@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.conftest import DEFAULT_FORWARDS, Mesh, Sink, echo_roundtrip
 from ztun.ca import CertificateAuthority
 from ztun.daemon import policy_supported
-from ztun.demo import socks5_handshake
+from ztun.demo import Ztund, socks5_handshake
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 
@@ -211,7 +211,16 @@ def test_config_dump_has_no_key_material(mesh: Mesh) -> None:
 
 @pytest.mark.timeout(90)
 def test_admin_logging_and_quitquitquit(mesh: Mesh) -> None:
+    cfg = mesh.config("node-a")
+    cfg["listeners"]["metrics"] = "127.0.0.1:15020"
+    mesh.write_config("node-a", cfg)
     mesh.start("node-a")
+    scraper = Ztund(
+        mesh.a.node, mesh.a.config_path, log_path=os.devnull, admin=("127.0.0.1", 15020)
+    )
+    status, body = scraper.request("/stats/prometheus")
+    assert status == 200 and b"ztun_ready 1.0" in body
+    assert scraper.request("/config_dump")[0] == 404  # the metrics port serves metrics only
     levels = mesh.a.get_json("/logging")
     assert levels["ztun"] == "info"
     status, body = mesh.a.request("/logging?level=debug", method="POST")
