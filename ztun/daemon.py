@@ -86,6 +86,9 @@ IDENTITY_WAIT = 10.0
 # yet, namespace gone): often enough to be ready soon after the cause goes away.
 RECONCILE_INTERVAL = 1.0
 RETRY_BACKOFF = 5.0
+# Distinct label sets remembered for the event path; beyond this the cache starts over
+# (a scan of many source addresses must not grow memory without bound).
+LABEL_CACHE_MAX = 4096
 MUTUAL_TLS = "mutual_tls"
 
 _MODE_FORWARD, _MODE_TLS_OUT, _MODE_HBONE_IN, _MODE_HBONE_OUT, _MODE_SOCKS5 = 1, 2, 4, 5, 6
@@ -315,6 +318,7 @@ class Daemon:
     def __init__(self, config_path: str | os.PathLike[str]) -> None:
         self.config_path = os.fspath(config_path)
         self.loaded: LoadedConfig = cfgmod.load(self.config_path)
+        self._index(self.loaded.config)
         self.reload_status = ReloadStatus(loaded_at=_iso(dt.datetime.now(dt.UTC)))
         self.traffic = TrafficMetrics()
         self.registry = CollectorRegistry(auto_describe=False)
@@ -333,6 +337,12 @@ class Daemon:
         self._admin: AdminServer | None = None
         self._metrics_server: AdminServer | None = None
         self._started = time.monotonic()
+
+    def _index(self, cfg: Config) -> None:
+        """Look-up tables for the event path (rebuilt on load and reload)."""
+        self._by_ip = cfg.by_ip()
+        self._ids = {w.key: str(w.spiffe_id(cfg.trust_domain)) for w in cfg.workloads}
+        self._label_cache: dict[tuple[Any, ...], TrafficLabels] = {}
 
     # -- properties ----------------------------------------------------------------------
 
@@ -644,6 +654,7 @@ class Daemon:
         # 2. Commit: directory, policies, new and replaced engines, removed workloads,
         # certificates.
         self.loaded = new
+        self._index(nc)
         directory = _directory(nc)
         for key, rt in self._runtimes.items():
             if key in want and key not in started and rt.tunnel is not None:
@@ -734,55 +745,93 @@ class Daemon:
     def _labels(
         self, rt: WorkloadRuntime, ev: ConnectionEvent
     ) -> tuple[TrafficLabels, dict[str, Any]]:
-        cfg = self.loaded.config
-        me = rt.spec
-        td = cfg.trust_domain
-        by_ip = cfg.by_ip()
+        """The metric labels and the access-log fields of one connection event."""
         # SOCKS5 routes per connection: mTLS when the directory sent it over HBONE
         mtls = ev.mode in (_MODE_TLS_OUT, _MODE_HBONE_IN, _MODE_HBONE_OUT) or (
             ev.mode == _MODE_SOCKS5 and bool(ev.peer_id)
         )
+        inbound = ev.mode == _MODE_HBONE_IN
+        if inbound:
+            target = ev.target
+        else:
+            info = rt.listeners.get(ev.listener_id)
+            fwd = info.forward if info is not None else None
+            target = ev.target if ev.target else (fwd.target if fwd else ev.dst)
+        # Labels depend on a handful of values; computing them parses SPIFFE IDs, so they
+        # are cached (the cache is dropped on reload, when the directory changes).
+        key = (
+            rt.name, inbound, mtls, ev.src[0] if inbound and ev.src else None, ev.peer_id,
+            target[0] if target else None,
+        )  # fmt: skip
+        labels = self._label_cache.get(key)
+        if labels is None:
+            labels = self._make_labels(
+                rt, inbound=inbound, mtls=mtls, src_ip=key[3], peer=ev.peer_id, target_ip=key[5]
+            )
+            if len(self._label_cache) > LABEL_CACHE_MAX:
+                self._label_cache.clear()
+            self._label_cache[key] = labels
+        if inbound:
+            fields = {
+                "src.addr": _addr(ev.src),
+                "src.workload": labels.source_workload,
+                "src.namespace": labels.source_workload_namespace,
+                "src.identity": ev.peer_id,
+                "dst.addr": _addr(ev.dst),
+                "dst.hbone_addr": _addr(ev.target),
+                "dst.workload": labels.destination_workload,
+                "dst.namespace": labels.destination_workload_namespace,
+                "dst.identity": labels.destination_principal,
+                "direction": "inbound",
+            }
+        else:
+            fields = {
+                "src.addr": _addr(ev.src),
+                "src.workload": labels.source_workload,
+                "src.namespace": labels.source_workload_namespace,
+                "src.identity": labels.source_principal if mtls else None,
+                "dst.addr": _addr(ev.dst),
+                "dst.hbone_addr": _addr(target) if mtls and ev.mode != _MODE_TLS_OUT else None,
+                "dst.workload": labels.destination_workload,
+                "dst.namespace": labels.destination_workload_namespace,
+                "dst.identity": (ev.peer_id or labels.destination_principal) if mtls else None,
+                "direction": "outbound",
+            }
+        return labels, fields
+
+    def _make_labels(
+        self,
+        rt: WorkloadRuntime,
+        *,
+        inbound: bool,
+        mtls: bool,
+        src_ip: str | None,
+        peer: str | None,
+        target_ip: str | None,
+    ) -> TrafficLabels:
+        by_ip = self._by_ip
+        ids = self._ids
+        me = rt.spec
         security = MUTUAL_TLS if mtls else "unknown"
-        info = rt.listeners.get(ev.listener_id)
-        if ev.mode == _MODE_HBONE_IN:
-            src_w = by_ip.get(ev.src[0]) if ev.src else None
-            peer = ev.peer_id
-            if src_w is not None and peer and str(src_w.spiffe_id(td)) != peer:
+        if inbound:
+            src_w = by_ip.get(src_ip) if src_ip else None
+            if src_w is not None and peer and ids[src_w.key] != peer:
                 src_w = None  # the address says one workload, the certificate another
             src_ns = src_w.namespace if src_w else _ns_of(peer)
-            dst_w = (by_ip.get(ev.target[0]) if ev.target else None) or me
-            labels = TrafficLabels(
+            dst_w = (by_ip.get(target_ip) if target_ip else None) or me
+            return TrafficLabels(
                 reporter="destination",
                 source_workload=src_w.name if src_w else "unknown",
                 source_workload_namespace=src_ns or "unknown",
                 source_principal=peer or "unknown",
                 destination_workload=dst_w.name,
                 destination_workload_namespace=dst_w.namespace,
-                destination_principal=str(dst_w.spiffe_id(td)),
+                destination_principal=ids.get(dst_w.key, "unknown"),
                 connection_security_policy=security,
             )
-            fields = {
-                "src.addr": _addr(ev.src),
-                "src.workload": labels.source_workload,
-                "src.namespace": labels.source_workload_namespace,
-                "src.identity": peer,
-                "dst.addr": _addr(ev.dst),
-                "dst.hbone_addr": _addr(ev.target),
-                "dst.workload": dst_w.name,
-                "dst.namespace": dst_w.namespace,
-                "dst.identity": labels.destination_principal,
-                "direction": "inbound",
-            }
-            return labels, fields
-        fwd = info.forward if info is not None else None
-        target = ev.target if ev.target else (fwd.target if fwd else ev.dst)
-        out_w = by_ip.get(target[0]) if target else None
-        dst_id = (
-            str(out_w.spiffe_id(td))
-            if out_w is not None and out_w.protocol is Protocol.HBONE
-            else ev.peer_id
-        )
-        labels = TrafficLabels(
+        out_w = by_ip.get(target_ip) if target_ip else None
+        dst_id = ids[out_w.key] if out_w is not None and out_w.protocol is Protocol.HBONE else peer
+        return TrafficLabels(
             reporter="source",
             source_workload=me.name,
             source_workload_namespace=me.namespace,
@@ -792,19 +841,6 @@ class Daemon:
             destination_principal=dst_id or "unknown",
             connection_security_policy=security,
         )
-        fields = {
-            "src.addr": _addr(ev.src),
-            "src.workload": me.name,
-            "src.namespace": me.namespace,
-            "src.identity": str(rt.spiffe_id) if mtls else None,
-            "dst.addr": _addr(ev.dst),
-            "dst.hbone_addr": _addr(target) if mtls and ev.mode != _MODE_TLS_OUT else None,
-            "dst.workload": labels.destination_workload,
-            "dst.namespace": labels.destination_workload_namespace,
-            "dst.identity": (ev.peer_id or dst_id) if mtls else None,
-            "direction": "outbound",
-        }
-        return labels, fields
 
     def _on_event(self, rt: WorkloadRuntime, ev: ConnectionEvent) -> None:
         if ev.kind not in ("open", "close"):

@@ -113,6 +113,8 @@ class TrafficLabels:
         return [getattr(self, n) for n in LABEL_NAMES]
 
     def with_flags(self, flags: str) -> TrafficLabels:
+        if flags == self.response_flags:
+            return self
         return dataclasses.replace(self, response_flags=flags)
 
 
