@@ -697,6 +697,7 @@ class DemoConn:
     policy: str | None = None
     error: str | None = None
     inbound_seen: bool = False
+    sock: socket.socket | None = None
     started: float = 0.0
     finished: float = 0.0
 
@@ -729,6 +730,7 @@ def _drive(conn: DemoConn) -> None:
         conn.state, conn.detail = "failed", f"connect: {e}"
         conn.finished = time.monotonic()
         return
+    conn.sock = sock
     conn.local_port = sock.getsockname()[1]
     sock.settimeout(30)
     want = hashlib.sha256()
@@ -940,6 +942,7 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
     work = Path(workdir or tempfile.mkdtemp(prefix="ztun-demo-"))
     daemons: list[Ztund] = []
     servers: list[EchoServer] = []
+    conns: list[DemoConn] = []
     cluster: Cluster | None = None
     ok = False
     try:
@@ -1038,12 +1041,17 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
         for z in daemons:
             con.print(f"[dim]{z.node.name} log tail:\n{z.tail()}[/]")
     finally:
+        # apps first (so an interrupted transfer does not hold the drain), then ztund
+        for c in conns:
+            if c.sock is not None:
+                with contextlib.suppress(OSError):
+                    c.sock.close()
+        for s in servers:
+            s.close()
         codes = []
         for z in daemons:
             with contextlib.suppress(Exception):
                 codes.append((z.node.name, z.stop(20)))
-        for s in servers:
-            s.close()
         if cluster is not None:
             try:
                 cluster.close()
