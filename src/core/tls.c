@@ -252,6 +252,12 @@ char *ztls_peer_identity(SSL *ssl, struct ztls_hs *hs)
 			snprintf(hs->reason, sizeof(hs->reason), "peer certificate not verified");
 		return NULL;
 	}
+	/* A resumed session carries the certificate verified when it was made: it must
+	 * still be within its validity now. */
+	if (X509_cmp_current_time(X509_get0_notAfter(peer)) <= 0) {
+		snprintf(hs->reason, sizeof(hs->reason), "certificate expired");
+		return NULL;
+	}
 	if (leaf_spiffe_id(peer, id, sizeof(id), &why) || leaf_usage_ok(peer, &why)) {
 		snprintf(hs->reason, sizeof(hs->reason), "%s", why);
 		return NULL;
