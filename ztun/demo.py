@@ -704,8 +704,8 @@ class DemoConn:
     @property
     def path(self) -> str:
         if self.src.node is self.dst.node:
-            return f"same node ({self.src.node.name})"
-        return f"cross-node {self.src.node.name} → {self.dst.node.name}"
+            return f"same node\n({self.src.node.name})"
+        return f"cross-node\n{self.src.node.name} → {self.dst.node.name}"
 
 
 def _payload(seed: int, size: int) -> Iterator[bytes]:
@@ -765,7 +765,7 @@ def _drive(conn: DemoConn) -> None:
     if conn.received == conn.size and got.digest() == want.digest() and not errors:
         conn.verified = True
         conn.state = "verified"
-        conn.detail = "SHA-256 of the echo matches"
+        conn.detail = "echo SHA-256 ok"
     elif conn.received == 0:
         conn.state = "refused"
         conn.detail = errors[0] if errors else "closed without a byte"
@@ -836,16 +836,17 @@ def _conn_table(conns: list[DemoConn]) -> Any:
     from rich.table import Table
 
     t = Table(
-        title="connections: app → 127.0.0.1:<forward> → ztund ═ HBONE/mTLS ═ ztund → app",
+        title="connections: app → 127.0.0.1:<forward> → ztund ═ HBONE/mTLS ═ ztund → app "
+        "(identities: spiffe://cluster.local/…)",
         title_justify="left",
     )
     t.add_column("#", justify="right")
     t.add_column("from → to", no_wrap=True)
-    t.add_column("path")
-    t.add_column("SPIFFE IDs (spiffe://cluster.local/…)", no_wrap=True)
+    t.add_column("path", no_wrap=True)
+    t.add_column("identities (verified)", no_wrap=True)
     t.add_column("sent / echoed", justify="right")
-    t.add_column("decision (policy)")
-    t.add_column("result")
+    t.add_column("decision (policy)", no_wrap=True)
+    t.add_column("result", no_wrap=True)
     for c in conns:
         ids = "…"
         if c.src_identity or c.dst_identity:
