@@ -545,17 +545,20 @@ class Daemon:
                     new = self._start_runtime(loaded, w)
                 except (ZtunError, OSError) as e:
                     msg = str(e)
+                    # a pending certificate is normal at start (readiness shows it); an
+                    # identity source that cannot be made (SPIRE agent down) is retried
+                    # like any other error
+                    pending = isinstance(e, IdentityError) and (
+                        w.spiffe_id(loaded.config.trust_domain) in self._identities
+                    )
                     if rt is None or rt.error != msg:
-                        # a pending certificate is normal at start: readiness shows it
-                        lvl = logging.DEBUG if isinstance(e, IdentityError) else logging.ERROR
+                        lvl = logging.DEBUG if pending else logging.ERROR
                         log.log(lvl, "workload %s not started: %s", w.key, msg)
                     if rt is None:
                         rt = WorkloadRuntime(w, w.spiffe_id(loaded.config.trust_domain), w.key)
                         self._runtimes[w.key] = rt
                     rt.error = msg
-                    rt.next_try = now + (
-                        RECONCILE_INTERVAL if isinstance(e, IdentityError) else RETRY_BACKOFF
-                    )
+                    rt.next_try = now + (RECONCILE_INTERVAL if pending else RETRY_BACKOFF)
                     continue
                 self._runtimes[w.key] = new
             if self._state == "starting" and not self.readiness():
@@ -630,6 +633,7 @@ class Daemon:
                 )
                 if same_engine:
                     assert rt is not None
+                    undo.append(functools.partial(setattr, rt, "spec", rt.spec))
                     forward_ops.append(self._plan_forwards(rt, nc, w))
                     continue
                 if rt is not None and rt.running:
@@ -639,6 +643,9 @@ class Daemon:
                     rt.close_listeners()
                     undo.append(functools.partial(self._reopen, rt))
                     replaced[key] = rt
+                sid = w.spiffe_id(nc.trust_domain)
+                if sid not in self._identities:
+                    undo.append(functools.partial(self._drop_identity, sid))
                 ident = self._ensure_identity(nc, w)
                 with contextlib.suppress(IdentityError):
                     ident.manager.wait_ready(IDENTITY_WAIT)
@@ -679,6 +686,11 @@ class Daemon:
                 self._identities.pop(sid).close()
         for ident in self._identities.values():
             ident.manager.renew_now()  # SIGHUP also re-reads / re-issues certificates
+
+    def _drop_identity(self, sid: SpiffeId) -> None:
+        ident = self._identities.pop(sid, None)
+        if ident is not None:
+            ident.close()
 
     def _plan_forwards(
         self, rt: WorkloadRuntime, cfg: Config, w: Workload
@@ -1060,7 +1072,10 @@ class Daemon:
         with self._lock:
             for w in cfg.local_workloads():
                 if w.protocol is Protocol.HBONE:
-                    self._ensure_identity(cfg, w)
+                    try:
+                        self._ensure_identity(cfg, w)
+                    except (ZtunError, OSError) as e:  # retried by _reconcile
+                        log.error("identity for %s: %s", w.key, e)
         self._reconcile()
 
     def run(self, *, install_signals: bool = True) -> int:
