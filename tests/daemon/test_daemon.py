@@ -451,3 +451,29 @@ def test_mesh_fixture_paths(mesh: Mesh) -> None:
         loaded = config.load(Path(mesh.config_path(node)))
         assert len(loaded.config.local_workloads()) == (2 if node == "node-a" else 1)
         assert len(loaded.policies) == 3
+
+
+@pytest.mark.timeout(120)
+def test_sighup_replacing_a_workloads_engine_keeps_its_connections(mesh: Mesh) -> None:
+    # New labels (or identity, addresses, namespace) need a new engine for the workload:
+    # the old one stops accepting and keeps its live connections until they end.
+    mesh.start()
+    live = mesh.client.connect(("127.0.0.1", 9080))
+    live.sendall(b"old")
+    assert live.recv(10) == b"old"
+    cfg = mesh.config("node-a")
+    for w in cfg["workloads"]:
+        if w["name"] == "client":
+            w["labels"] = {"app": "client", "version": "v2"}
+    mesh.write_config("node-a", cfg)
+    mesh.a.signal(signal.SIGHUP)
+    mesh.wait_log(mesh.a, lambda r: r.get("message", "").startswith("reloaded"))
+    with mesh.client.connect(("127.0.0.1", 9080)) as s:  # served by the new engine
+        assert echo_roundtrip(s, b"new") == b"new"
+    live.sendall(b"still")
+    assert live.recv(10) == b"still"
+    live.close()
+    dump = mesh.a.get_json("/config_dump")
+    client = next(w for w in dump["workloads"] if w["name"] == "client")
+    assert client["labels"] == {"app": "client", "version": "v2"} and client["running"]
+    assert mesh.a.ready()[0]
