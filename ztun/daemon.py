@@ -352,8 +352,7 @@ class Daemon:
 
     @property
     def policies(self) -> PolicySet | None:
-        ps: PolicySet | None = self.loaded.policies
-        return ps if ps is not None and len(ps) else None
+        return _nonempty(self.loaded.policies)
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -478,7 +477,7 @@ class Daemon:
         }
         serve_kw: dict[str, Any] = {"workloads": list(w.workload_ips), "deliver": False}
         if self._policy_ok:
-            kw["policies"] = loaded.policies
+            kw["policies"] = _nonempty(loaded.policies)
             kw["workload"] = self._policy_workload(w)
             serve_kw["policy"] = True
         forwards = self._resolve_forwards(cfg, w)
@@ -669,7 +668,7 @@ class Daemon:
         if self._policy_ok:
             for key, rt in self._runtimes.items():
                 if key in want and key not in started and rt.tunnel is not None:
-                    rt.tunnel.set_policy(new.policies)  # type: ignore[attr-defined]
+                    rt.tunnel.set_policy(_nonempty(new.policies))  # type: ignore[attr-defined]
         for rt in replaced.values():
             self._draining_tunnels.append(self._drain_later(rt, nc.drain_timeout))
         for key, rt in list(self._runtimes.items()):
@@ -1168,6 +1167,11 @@ def _directory(cfg: Config) -> list[Destination]:
             via = (ip, cfg.listeners.inbound) if hbone else None
             out.append(Destination(ip, sid, via))
     return out
+
+
+def _nonempty(policies: PolicySet | None) -> PolicySet | None:
+    """None for no policies: the engine then skips evaluation entirely."""
+    return policies if policies is not None and len(policies) else None
 
 
 def _engine_fields(w: Workload) -> tuple[Any, ...]:
