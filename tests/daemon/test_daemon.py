@@ -400,6 +400,8 @@ def test_sigterm_lets_an_inflight_gib_finish(mesh: Mesh) -> None:
     for d in mesh.daemons.values():
         d.signal(signal.SIGTERM)
     t_term = time.monotonic()
+    at_term = progress["sent"]
+    assert at_term < size // 2  # well in flight
     # draining: not ready, and no new connection is accepted
     deadline = time.monotonic() + 10
     while True:
@@ -419,7 +421,7 @@ def test_sigterm_lets_an_inflight_gib_finish(mesh: Mesh) -> None:
     assert codes == {"node-a": 0, "node-b": 0}
     elapsed = time.monotonic() - t_term
     assert elapsed < drain + 10
-    print(f"1 GiB in {time.monotonic() - t0:.1f}s; SIGTERM at {progress['sent'] >> 20} MiB; "
+    print(f"1 GiB in {time.monotonic() - t0:.1f}s; SIGTERM at {at_term >> 20} MiB; "
           f"exits {elapsed:.1f}s after SIGTERM")  # fmt: skip
     mesh.daemons.clear()
 
