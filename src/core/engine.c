@@ -281,6 +281,28 @@ static void worker_disarm_listeners(struct zworker *w)
 		epoll_ctl(w->epfd, EPOLL_CTL_DEL, w->listeners[i]->fd, NULL);
 }
 
+static void worker_snapshot(struct zworker *w, struct zsnap *s)
+{
+	pthread_mutex_lock(&s->mu);
+	for (struct zlist *it = w->flows.next; it != &w->flows; it = it->next) {
+		struct zflow *f = zlist_entry(it, struct zflow, link);
+
+		if (s->n < s->cap) {
+			struct ztun_conn_info *ci = &s->out[s->n];
+
+			ci->conn_id = f->id;
+			ci->listener_id = f->l->id;
+			ci->mode = (uint16_t)f->l->mode;
+			ci->state = f->state == FS_RELAY;
+			ci->bytes_down_up = f->bytes[0];
+			ci->bytes_up_down = f->bytes[1];
+			ci->start_ns = f->start_real;
+		}
+		s->n++;
+	}
+	pthread_mutex_unlock(&s->mu);
+}
+
 static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 {
 	int rc = 0;
@@ -332,6 +354,9 @@ static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 		else
 			zflow_adopt(w, c->u.adopt.l, c->u.adopt.fd, &c->u.adopt.target, c->u.adopt.request_id);
 		zlistener_put(c->u.adopt.l);
+		break;
+	case CMD_SNAPSHOT:
+		worker_snapshot(w, c->u.snap);
 		break;
 	case CMD_STOP:
 		if (!w->stopping) {
@@ -1005,6 +1030,19 @@ int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
 	set.u.policy = ref;
 	rc = broadcast(e, &set, 1);
 	zpolicy_put(old);
+	return rc;
+}
+
+int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n)
+{
+	struct zsnap s = {.out = out, .cap = cap};
+	struct zcmd cmd = {.type = CMD_SNAPSHOT, .u.snap = &s};
+	int rc;
+
+	pthread_mutex_init(&s.mu, NULL);
+	rc = broadcast(e, &cmd, 1);
+	pthread_mutex_destroy(&s.mu);
+	*n = s.n;
 	return rc;
 }
 

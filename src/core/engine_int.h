@@ -99,6 +99,14 @@ enum zcmd_type {
 	CMD_SET_POLICY,
 	CMD_STOP,
 	CMD_ADOPT,
+	CMD_SNAPSHOT,
+};
+
+/* A snapshot of live connections being filled by the workers. */
+struct zsnap {
+	pthread_mutex_t mu;
+	struct ztun_conn_info *out;
+	size_t cap, n;
 };
 
 /* A caller waiting for every worker to run a broadcast command. */
@@ -117,6 +125,7 @@ struct zcmd {
 		struct zlistener *listener;
 		struct zpolicy *policy;
 		uint32_t drain_ms;
+		struct zsnap *snap;
 		struct {
 			struct zlistener *l; /* a reference for the worker */
 			int fd;

@@ -505,6 +505,30 @@ cdef class Engine:
             cztun.ztun_engine_stats(self._e, &s)
         return _stats_dict(&s)
 
+    def connections(self) -> list:
+        """Live connections: (conn_id, listener_id, mode, relaying, bytes_down_up,
+        bytes_up_down, start_ns) tuples, read from every worker."""
+        cdef size_t cap = 1024, n = 0
+        cdef cztun.ztun_conn_info *v = NULL
+        cdef int rc
+        self._alive()
+        while True:
+            v = <cztun.ztun_conn_info *>malloc(cap * sizeof(cztun.ztun_conn_info))
+            if v == NULL:
+                raise MemoryError()
+            with nogil:
+                rc = cztun.ztun_engine_connections(self._e, v, cap, &n)
+            if rc < 0 or n <= cap:
+                break
+            free(v)
+            cap = n + n // 4 + 16
+        try:
+            _check(rc, "connections")
+            return [(v[i].conn_id, v[i].listener_id, v[i].mode, bool(v[i].state),
+                     v[i].bytes_down_up, v[i].bytes_up_down, v[i].start_ns) for i in range(n)]
+        finally:
+            free(v)
+
     def read_events(self) -> list:
         """Drain pending events (a batch); empty list when none."""
         cdef size_t used = 0, off = 0

@@ -173,6 +173,15 @@ cdef extern from "ztun/engine.h" nogil:
     int ztun_engine_set_directory(ztun_engine *e, const ztun_dir_entry *entries, int n)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)
+    struct ztun_conn_info:
+        uint64_t conn_id
+        uint32_t listener_id
+        uint16_t mode
+        uint16_t state
+        uint64_t bytes_down_up
+        uint64_t bytes_up_down
+        uint64_t start_ns
+    int ztun_engine_connections(ztun_engine *e, ztun_conn_info *out, size_t cap, size_t *n)
     int ztun_engine_event_fd(const ztun_engine *e)
     int ztun_engine_read_events(ztun_engine *e, void *buf, size_t len, size_t *used)
     int ztun_engine_arm_events(ztun_engine *e)

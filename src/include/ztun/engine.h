@@ -125,6 +125,20 @@ struct ztun_dir_entry {
 };
 int ztun_engine_set_directory(ztun_engine *e, const struct ztun_dir_entry *entries, int n);
 
+/* Live connections, for metrics of connections that have not finished yet. */
+struct ztun_conn_info {
+	uint64_t conn_id;
+	uint32_t listener_id;
+	uint16_t mode;
+	uint16_t state;          /* 0: setting up, 1: relaying */
+	uint64_t bytes_down_up;
+	uint64_t bytes_up_down;
+	uint64_t start_ns;       /* CLOCK_REALTIME */
+};
+/* Copy up to cap live connections into out; *n receives how many there are in all
+ * (may exceed cap). Costs one round trip through every worker. */
+int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n);
+
 /* Counters. Sums over all workers, read with relaxed atomics. */
 enum ztun_close_reason {
 	ZTUN_CLOSE_OK = 0,          /* both sides finished (FIN both ways) */
