@@ -823,6 +823,9 @@ int zflow_authorize(struct zworker *w, struct zflow *f)
 	struct ztun_policy_verdict v;
 	char src[INET6_ADDRSTRLEN + 8];
 
+	/* The destination judged is the one the access log names, also when denied. */
+	if (!f->dst.ss_family && f->l->mode != ZTUN_MODE_HBONE_IN)
+		f->dst = f->l->upstream;
 	if (!p) {
 		clear_verdict(f);
 		f->authorized = 1;
