@@ -253,6 +253,7 @@ __all__ = [
     "deny_principals",
     "echo_ok",
     "mesh_of",
+    "policy_yaml",
     "refused",
     "wait_until",
 ]
