@@ -37,7 +37,11 @@ PolicyNamer = Callable[[int, int], "str | None"]
 
 @dataclass(frozen=True, slots=True)
 class ConnectionEvent:
-    """A connection established (``kind == "open"``) or finished (``"close"``)."""
+    """A connection established (``kind == "open"``) or finished (``"close"``).
+
+    ``"connect_done"`` reports the outcome of a ``Tunnel.connect()`` and ``"accept"``
+    carries a tunnelled connection delivered to ``Tunnel.accept()``.
+    """
 
     kind: str
     conn_id: int
@@ -64,6 +68,11 @@ class ConnectionEvent:
     dry_run_policy: str | None = None  # the dry-run policy that would have decided
     dry_run_allowed: bool | None = None  # the verdict with dry-run policies enforced too
     policy_rechecked: bool = False  # the verdict is from a re-check after a policy swap
+    target: tuple[str, int] | None = None  # HBONE: the CONNECT authority
+    trace: str | None = None  # HBONE: traceparent
+    baggage: str | None = None  # HBONE: baggage received
+    request_id: int = 0  # adopted connections (Tunnel.connect)
+    fd: int | None = None  # "accept": the delivered socket
 
     @property
     def direction(self) -> str:
@@ -86,7 +95,7 @@ def parse_event(
 ) -> ConnectionEvent | EngineLog | None:
     """A drained record as a typed event; ``names`` resolves policy indices to names."""
     kind = raw.get("type")
-    if kind in ("open", "close"):
+    if kind in ("open", "close", "connect_done", "accept"):
         gen = raw.get("policy_gen", 0)
         flags = raw.get("policy_flags", 0)
         policy_name = dry_name = None
@@ -121,6 +130,11 @@ def parse_event(
             dry_run_policy=dry_name,
             dry_run_allowed=(not flags & _EVPOL_DRY_RUN_DENY) if flags & _EVPOL_DRY_RUN else None,
             policy_rechecked=bool(flags & _EVPOL_RECHECKED),
+            target=raw.get("target"),
+            trace=raw.get("trace"),
+            baggage=raw.get("baggage"),
+            request_id=raw.get("request_id", 0),
+            fd=raw.get("fd") if kind == "accept" else None,
         )
     if kind == "log":
         return EngineLog(level=raw["level"], message=raw["message"], worker=raw["worker"])
@@ -168,8 +182,12 @@ def access_log_line(ev: ConnectionEvent, policy_name: str | None = None) -> str:
     if ev.dry_run_allowed is not None and ev.dry_run_allowed != _allowed(ev):
         would = "allow" if ev.dry_run_allowed else "deny"
         fields.append(f"dry_run={would}" + (f":{ev.dry_run_policy}" if ev.dry_run_policy else ""))
+    if ev.target is not None and ev.mode in (4, 5):
+        fields.append(f"target={_addr(ev.target)}")
     if ev.http_status:
         fields.append(f"status={ev.http_status}")
+    if ev.trace:
+        fields.append(f"trace={ev.trace}")
     if not ev.ok:
         err = ev.reason + (f": {ev.detail}" if ev.detail else "")
         fields.append(f'error="{err}"')

@@ -312,6 +312,13 @@ static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 		w->policy = c->u.policy; /* the broadcaster took a reference for us */
 		zflow_recheck_policy(w);
 		break;
+	case CMD_ADOPT:
+		if (w->stopping)
+			close(c->u.adopt.fd);
+		else
+			zflow_adopt(w, c->u.adopt.l, c->u.adopt.fd, &c->u.adopt.target, c->u.adopt.request_id);
+		zlistener_put(c->u.adopt.l);
+		break;
 	case CMD_STOP:
 		if (!w->stopping) {
 			w->stopping = 1;
@@ -399,9 +406,28 @@ static void *worker_main(void *arg)
 
 	w->now = ztun_now_mono();
 	w->next_tick = w->now + TICK_NS;
+	uint64_t spin_ns = (uint64_t)w->e->cfg.spin_us * 1000, last_work = 0;
+
 	for (;;) {
-		int timeout = zlist_empty(&w->again) ? (int)(TICK_NS / 1000000) : 0;
-		int n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		int busy = !zlist_empty(&w->again) || !zlist_empty(&w->h2dirty);
+		int timeout = busy ? 0 : (int)(TICK_NS / 1000000);
+		int n;
+
+		/* Low-latency mode: right after some work, poll without sleeping for a
+		 * little while, so the next packet of a request/response exchange does not
+		 * pay for a thread wake-up. */
+		if (!busy && spin_ns && last_work) {
+			uint64_t until = last_work + spin_ns;
+
+			do
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, 0);
+			while (n == 0 && ztun_now_precise() < until);
+			if (n == 0)
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		} else {
+			n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		}
+		last_work = n > 0 && spin_ns ? ztun_now_precise() : 0;
 
 		w->now = ztun_now_mono();
 		for (int i = 0; i < n; i++) {
@@ -476,7 +502,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->h2s);
 	zlist_init(&w->h2dirty);
 	zlist_init(&w->h2zombies);
-	w->scratch = malloc(64 * 1024);
+	w->scratch = malloc(ZTUN_SCRATCH_BYTES);
 	if (!w->scratch)
 		return ZTUN_ENOMEM;
 	if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || (!w->rng[0] && !w->rng[1])) {
@@ -508,6 +534,10 @@ static void worker_destroy(struct zworker *w)
 	while (c) {
 		struct zcmd *next = c->next;
 
+		if (c->type == CMD_ADOPT) {
+			close(c->u.adopt.fd);
+			zlistener_put(c->u.adopt.l);
+		}
 		sync_done(c->sync, ZTUN_ECLOSED);
 		free(c);
 		c = next;
@@ -555,6 +585,7 @@ int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out)
 	pthread_mutex_init(&e->ev_lock, NULL);
 	pthread_mutex_init(&e->lock, NULL);
 	pthread_mutex_init(&e->policy_lock, NULL);
+	pthread_mutex_init(&e->dir_lock, NULL);
 	atomic_store(&e->ev_armed, 1);
 	atomic_store(&e->next_conn_id, 1);
 	atomic_store(&e->next_listener_id, 1);
@@ -655,6 +686,8 @@ void ztun_engine_free(ztun_engine *e)
 		zlistener_put(e->listeners[i]);
 	free(e->listeners);
 	zpolicy_put(e->policy);
+	zdir_put(e->dir);
+	pthread_mutex_destroy(&e->dir_lock);
 	if (e->evfd >= 0)
 		close(e->evfd);
 	pthread_mutex_destroy(&e->ev_lock);
@@ -686,7 +719,7 @@ static int make_listen_socket(const struct ztun_listener_spec *s, int *out)
 
 static int valid_mode(int mode)
 {
-	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_HBONE_OUT;
+	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_SOCKS5;
 }
 
 int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *spec, uint32_t *id,
@@ -695,17 +728,24 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	struct zlistener *l;
 	struct zcmd add = {.type = CMD_ADD_LISTENER};
 	int fd = -1, rc;
+	/* SOCKS5 may route over HBONE: it needs the identity too. */
 	int need_tls = spec->mode != ZTUN_MODE_FORWARD;
 
 	if (!valid_mode(spec->mode) || (need_tls && !spec->tls))
 		return ZTUN_EINVAL;
-	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->upstream_len == 0 &&
-	    !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
+	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->mode != ZTUN_MODE_SOCKS5 &&
+	    spec->upstream_len == 0 && !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
+		return ZTUN_EINVAL;
+	if ((spec->flags & ZTUN_LISTENER_VIRTUAL) && spec->mode == ZTUN_MODE_HBONE_IN)
+		return ZTUN_EINVAL;
+	if ((spec->flags & ZTUN_LISTENER_DELIVER) && spec->mode != ZTUN_MODE_HBONE_IN)
 		return ZTUN_EINVAL;
 	if (spec->nexpect < 0 || (spec->nexpect > 0 && !spec->expect) || spec->nworkload_ips < 0 ||
 	    (spec->nworkload_ips > 0 && !spec->workload_ips))
 		return ZTUN_EINVAL;
-	if (spec->fd >= 0) {
+	if (spec->flags & ZTUN_LISTENER_VIRTUAL) {
+		fd = -1;
+	} else if (spec->fd >= 0) {
 		fd = fcntl(spec->fd, F_DUPFD_CLOEXEC, 0);
 		if (fd < 0)
 			return -errno;
@@ -764,7 +804,10 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 		l->nworkload_ips = (uint32_t)spec->nworkload_ips;
 	}
 	l->local_len = sizeof(l->local);
-	getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	if (fd >= 0)
+		getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	else
+		l->local_len = 0;
 	l->id = atomic_fetch_add(&e->next_listener_id, 1);
 
 	pthread_mutex_lock(&e->lock);
@@ -789,7 +832,7 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	pthread_mutex_unlock(&e->lock);
 
 	add.u.listener = l;
-	rc = broadcast(e, &add, 1);
+	rc = (l->flags & ZTUN_LISTENER_VIRTUAL) ? 0 : broadcast(e, &add, 1);
 	if (rc) {
 		ztun_engine_remove_listener(e, l->id);
 		return rc;
@@ -828,10 +871,59 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
 	if (!l)
 		return ZTUN_ENOTFOUND;
 	del.u.listener = l;
-	broadcast(e, &del, 1);
-	/* Close the socket now (a listener with live connections keeps its config). */
-	shutdown(l->fd, SHUT_RDWR);
+	if (l->fd >= 0) {
+		broadcast(e, &del, 1);
+		/* Close the socket now (a listener with live connections keeps its config). */
+		shutdown(l->fd, SHUT_RDWR);
+	}
 	zlistener_put(l);
+	return 0;
+}
+
+int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
+		      uint64_t request_id)
+{
+	struct zlistener *l = NULL;
+	struct zcmd *c;
+	int rc = 0;
+
+	if (fd < 0)
+		return ZTUN_EINVAL;
+	pthread_mutex_lock(&e->lock);
+	if (e->state != 1) {
+		rc = ZTUN_ECLOSED;
+	} else {
+		for (int i = 0; i < e->nlisteners; i++) {
+			if (e->listeners[i]->id == listener_id) {
+				l = e->listeners[i];
+				zlistener_get(l);
+				break;
+			}
+		}
+		if (!l)
+			rc = ZTUN_ENOTFOUND;
+		else if (!(l->flags & ZTUN_LISTENER_VIRTUAL))
+			rc = ZTUN_EINVAL;
+	}
+	pthread_mutex_unlock(&e->lock);
+	if (rc) {
+		if (l)
+			zlistener_put(l);
+		return rc;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		zlistener_put(l);
+		return ZTUN_ENOMEM;
+	}
+	c->type = CMD_ADOPT;
+	c->u.adopt.l = l;
+	c->u.adopt.fd = fd;
+	c->u.adopt.request_id = request_id;
+	if (target)
+		c->u.adopt.target = *target;
+	/* Spread adopted connections over the workers. */
+	worker_enqueue(&e->workers[atomic_fetch_add(&e->rr, 1) % (uint32_t)e->nworkers], c);
 	return 0;
 }
 

@@ -8,8 +8,11 @@ MODE_TLS_OUT: int
 MODE_TLS_IN: int
 MODE_HBONE_IN: int
 MODE_HBONE_OUT: int
+MODE_SOCKS5: int
 LISTENER_POLICY: int
 LISTENER_ORIGINAL_DST: int
+LISTENER_VIRTUAL: int
+LISTENER_DELIVER: int
 TLS_CHACHA20: int
 TLS_RESUMPTION: int
 TLS_ANY_TRUST_DOMAIN: int
@@ -79,6 +82,16 @@ class Engine:
     ) -> tuple[int, tuple[str, int]]: ...
     def remove_listener(self, listener_id: int) -> None: ...
     def set_listener_tls(self, listener_id: int, tls: TlsContext) -> None: ...
+    def adopt(
+        self,
+        listener_id: int,
+        fd: int,
+        target: tuple[Any, ...] | None = None,
+        request_id: int = 0,
+    ) -> None: ...
+    def set_directory(
+        self, entries: Iterable[tuple[str, str | None, tuple[str, int] | None]]
+    ) -> None: ...
     def pause_accept(self) -> None: ...
     def set_policy(self, blob: bytes | None) -> int: ...
     def policy_counters(self) -> tuple[int, list[tuple[int, int, int]]]: ...

@@ -55,6 +55,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint32_t buf_large
         uint32_t events
         uint32_t splice_pipe
+        uint32_t spin_us
 
     enum:
         ZTUN_MODE_FORWARD
@@ -62,8 +63,12 @@ cdef extern from "ztun/engine.h" nogil:
         ZTUN_MODE_TLS_IN
         ZTUN_MODE_HBONE_IN
         ZTUN_MODE_HBONE_OUT
+        ZTUN_MODE_SOCKS5
         ZTUN_LISTENER_POLICY
         ZTUN_LISTENER_ORIGINAL_DST
+        ZTUN_LISTENER_VIRTUAL
+        ZTUN_LISTENER_DELIVER
+        ZTUN_EV_ACCEPT
         ZTUN_CLOSE__COUNT
         ZTUN_EV_PAD
         ZTUN_EV_CONN_OPEN
@@ -154,6 +159,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint16_t local_id_len
         uint16_t trace_len
         uint16_t baggage_len
+        int32_t fd
 
     struct ztun_event_log:
         ztun_event_hdr h
@@ -170,10 +176,17 @@ cdef extern from "ztun/engine.h" nogil:
     int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
     int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx)
     int ztun_engine_pause_accept(ztun_engine *e)
+    int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd,
+                          const sockaddr_storage *target, uint64_t request_id)
     int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
     int ztun_engine_swap_policy(ztun_engine *e, ztun_policy *table, uint32_t *generation)
     int ztun_engine_policy_counters(ztun_engine *e, ztun_policy_counters *out, uint32_t n,
                                     uint32_t *count, uint32_t *generation)
+    struct ztun_dir_entry:
+        unsigned char ip[16]
+        const char *identity
+        sockaddr_storage via
+    int ztun_engine_set_directory(ztun_engine *e, const ztun_dir_entry *entries, int n)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)
     int ztun_engine_event_fd(const ztun_engine *e)
