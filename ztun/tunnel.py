@@ -226,6 +226,9 @@ class Tunnel(MeshMixin):
         workload: the workload this process is, for policy: selectors match its labels
             and namespace policies its namespace. Without it a connection is judged by
             the mesh-wide (root namespace) policies only.
+        workloads: the workloads an HBONE server of this tunnel (``serve()``) answers
+            for, as a node proxy does: a CONNECT to one of their IPs is judged as that
+            workload. See :meth:`set_workloads`.
     """
 
     def __init__(
@@ -243,6 +246,7 @@ class Tunnel(MeshMixin):
         access_log: bool = True,
         policies: PolicyInput | None = None,
         workload: Workload | None = None,
+        workloads: Sequence[Workload] = (),
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:
             raise ValueError(f"workers: expected 0 (one per CPU) to 256, got {workers!r}")
@@ -278,6 +282,7 @@ class Tunnel(MeshMixin):
         if workload is not None and not isinstance(workload, Workload):
             raise ValueError(f"workload: expected a ztun.policy.Workload, got {workload!r}")
         self._workload = workload
+        self._served = _check_workloads(workloads)
         self._listener_workloads: dict[int, Workload] = {}
         self._policy_set: PolicySet | None = None
         self._policy_blob: bytes | None = None
@@ -629,26 +634,51 @@ class Tunnel(MeshMixin):
                 self._install(self._engine, pset, blob)
             self._policy_set, self._policy_blob = pset, blob
 
-    def explain(self, facts: ConnectionFacts, *, listener: _Endpoint | None = None) -> Decision:
+    def set_workloads(self, workloads: Sequence[Workload]) -> None:
+        """Replace the workloads HBONE servers answer for (see ``Tunnel(workloads=)``):
+        the policy table is recompiled and swapped (live connections re-checked)."""
+        served = _check_workloads(workloads)
+        with self._lock:
+            old, self._served = self._served, served
+            try:
+                if self._policy_set is not None:
+                    blob = self._compile(self._policy_set, self._all_workloads())
+                    if self._engine is not None:
+                        self._install(self._engine, self._policy_set, blob)
+                    self._policy_blob = blob
+            except BaseException:
+                self._served = old
+                raise
+
+    @property
+    def workloads(self) -> tuple[Workload, ...]:
+        return self._served
+
+    def explain(self, facts: ConnectionFacts, *, listener: object | None = None) -> Decision:
         """The decision the policy in force makes for ``facts``, with the policy and rule
         that made it and the dry-run matches (:meth:`ztun.policy.PolicySet.evaluate`).
 
-        ``facts.workload`` None means the destination workload of ``listener``, else
-        this tunnel's workload — as the engine judges the connections of that port.
+        ``facts.workload`` None means what the engine would use for a connection of
+        ``listener``: for a ``serve()`` (HBONE) server, the served workload that owns
+        ``facts.dst_ip``; for a ``listen()``/``forward()`` port, its workload; then this
+        tunnel's workload.
         """
         pset = self._policy_set
         if pset is None:
             return Decision(True, Reason.ALLOWED_NO_ALLOW_POLICY)
         if facts.workload is None:
-            wl = getattr(listener, "workload", None) or self._workload
+            wl = getattr(listener, "workload", None)
+            if wl is None and listener is not None and not isinstance(listener, _Endpoint):
+                wl = next((w for w in self._all_workloads() if facts.dst_ip in w.ips), None)
+            wl = wl or self._workload
             if wl is not None:
                 facts = dataclasses.replace(facts, workload=wl)
         return pset.evaluate(facts)
 
     def _all_workloads(self, extra: Workload | None = None) -> list[Workload]:
-        """The workloads the table must know: ours, the listeners', ``extra``."""
+        """The workloads the table must know: ours, the served, the listeners', ``extra``."""
         out: dict[str, Workload] = {}
-        for w in (self._workload, *self._listener_workloads.values(), extra):
+        for w in (self._workload, *self._served, *self._listener_workloads.values(), extra):
             if w is None:
                 continue
             if w.key in out and out[w.key] != w:
@@ -870,3 +900,13 @@ def _as_policy_set(value: object) -> PolicySet:
         "policies: expected a PolicySet, YAML text, or YAML file/folder paths, "
         f"got {type(value).__name__}"
     )
+
+
+def _check_workloads(workloads: object) -> tuple[Workload, ...]:
+    if isinstance(workloads, Workload) or not isinstance(workloads, Sequence | set | frozenset):
+        raise ValueError(f"workloads: expected a sequence of Workloads, got {workloads!r}")
+    out = tuple(workloads)
+    for w in out:
+        if not isinstance(w, Workload):
+            raise ValueError(f"workloads: expected ztun.policy.Workload items, got {w!r}")
+    return out

@@ -1,16 +1,14 @@
-"""Source-address policy on plaintext forwards (v4 and v6), and HBONE inbound policy with
-the engine's HBONE_IN/OUT listeners (ztun._core._engine: Tunnel does not expose HBONE yet):
-a denied CONNECT is answered 401 and never reaches the target; a swap resets live streams."""
+"""Source-address policy on plaintext forwards (v4 and v6), and HBONE inbound policy
+(``Tunnel.serve`` as a node proxy and delivering to ``accept()``, clients over
+``forward(protocol="hbone")``): a denied CONNECT is answered 401 and never reaches the
+target; a swap resets live streams; the authority picks the served workload."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from harness.netns import Node
 from harness.servers import EchoServer
 
 from policy_e2e.kit import (
@@ -19,6 +17,7 @@ from policy_e2e.kit import (
     IO_TIMEOUT,
     SERVER,
     Events,
+    LogCapture,
     Mesh,
     ap,
     attempt,
@@ -27,8 +26,8 @@ from policy_e2e.kit import (
     policy_yaml,
     wait_until,
 )
-from ztun._core import _engine
-from ztun.policy import PolicySet, Workload
+from ztun import Tunnel
+from ztun.policy import ConnectionFacts
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.timeout(120)]
 
@@ -85,112 +84,100 @@ def test_plaintext_forward_source_ip_policy(mesh: Mesh, family: int):
         assert guarded.accepted == 3
 
 
-# ---- HBONE, through the engine binding ---------------------------------------------------
+# ---- HBONE ----------------------------------------------------------------------------
 
 
-class EngineEvents:
-    """Polls an Engine's event ring (there is no Tunnel pump here)."""
-
-    def __init__(self, engine: _engine.Engine) -> None:
-        self.engine = engine
-        self.items: list[dict[str, Any]] = []
-
-    def poll(self) -> list[dict[str, Any]]:
-        self.items += self.engine.read_events()
-        return self.items
-
-    def wait(self, pred: Any, what: str, timeout: float = 10.0) -> list[dict[str, Any]]:
-        return wait_until(lambda: [e for e in self.poll() if pred(e)], timeout, what)
-
-
-def _tls(mesh: Mesh, spiffe_id: str) -> _engine.TlsContext:
-    svid = mesh.ca.issue_svid(spiffe_id)
-    bundle = mesh.ca.bundle
-    roots = {td: bundle.pem(td) for td in bundle.trust_domains}
-    return _engine.TlsContext(svid.chain_pem(), svid.key_pem(), roots)
-
-
-@contextlib.contextmanager
-def _engine_in(node: Node) -> Iterator[_engine.Engine]:
-    e = _engine.Engine(workers=2)
-    node.call(e.start)
-    try:
-        yield e
-    finally:
-        e.close()
-
-
-def test_hbone_inbound_denial_answers_401_and_swap_resets_streams(mesh: Mesh):
-    wl = Workload("server", "prod", "server", labels={"app": "server"}, ips=(mesh.server.ip4,))
-    # A selector policy: it applies only if the CONNECT authority maps to the workload
-    # through the table's IP map (the engine's ztun_policy_find_workload).
-    policy = PolicySet.from_yaml(
-        ap(
-            "deny-bob",
-            "  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules:\n"
-            f'  - from:\n    - source: {{principals: ["{BOB.removeprefix("spiffe://")}"]}}\n',
-        )
+def _deny_bob_on_app_server() -> str:
+    # A selector policy: it applies to a CONNECT only when the authority's IP maps to the
+    # served workload through the table's IP map (the tunnel itself has no workload).
+    return ap(
+        "deny-bob",
+        "  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules:\n"
+        f'  - from:\n    - source: {{principals: ["{BOB.removeprefix("spiffe://")}"]}}\n',
     )
-    with (
-        EchoServer(sock=mesh.server.listen(mesh.server.ip4)) as target,
-        _engine_in(mesh.server) as node_b,
-        _engine_in(mesh.client) as node_a,
-    ):
-        gen = node_b.set_policy(policy.compile([wl]))
-        assert gen == 1
-        _, inbound = mesh.server.call(
-            node_b.add_listener, _engine.MODE_HBONE_IN, (mesh.server.ip4, 15008),
-            tls=_tls(mesh, SERVER), workload_ips=[mesh.server.ip4],
-        )  # fmt: skip
-        outs = {}
-        for who, sid in (("alice", ALICE), ("bob", BOB)):
-            _, outs[who] = mesh.client.call(
-                node_a.add_listener, _engine.MODE_HBONE_OUT, ("127.0.0.1", 0), inbound,
-                tls=_tls(mesh, sid), expect=[SERVER], target=target.address,
-            )  # fmt: skip
-        a_events, b_events = EngineEvents(node_a), EngineEvents(node_b)
+
+
+def _hbone_client(
+    mesh: Mesh, spiffe_id: str, target: tuple[str, int]
+) -> tuple[Tunnel, tuple[str, int]]:
+    t = mesh.tunnel(mesh.client, spiffe_id)
+    fwd = mesh.client.call(t.forward, ("127.0.0.1", 0), target, expect=[SERVER], protocol="hbone")
+    return t, fwd.address
+
+
+def test_hbone_node_proxy_denial_is_401_and_swap_resets_streams(mesh: Mesh, logs: LogCapture):
+    with EchoServer(sock=mesh.server.listen(mesh.server.ip4)) as target:
+        srv = mesh.tunnel(
+            mesh.server, SERVER, workloads=[mesh.workload], policies=_deny_bob_on_app_server()
+        )
+        ev = Events(srv)
+        hbone = mesh.server.call(
+            srv.serve, (mesh.server.ip4, 15008), workloads=[mesh.server.ip4], deliver=False
+        )
+        bob_t, bob = _hbone_client(mesh, BOB, target.address)
+        alice_t, alice = _hbone_client(mesh, ALICE, target.address)
+        bob_ev = Events(bob_t)
 
         # bob: 401, and the target never sees a connection
-        assert attempt(mesh.client, outs["bob"]) in ("eof", "reset")
-        (out_close,) = a_events.wait(
-            lambda e: e["type"] == "close" and e["peer_id"] == SERVER, "bob's outbound close"
-        )
-        assert out_close["http_status"] == 401 and out_close["reason"] == "policy_denied"
-        (in_close,) = b_events.wait(lambda e: e["type"] == "close", "the inbound refusal")
-        assert in_close["peer_id"] == BOB and in_close["http_status"] == 401
-        assert in_close["reason"] == "policy_denied" and in_close["policy"] == 0
-        assert in_close["policy_gen"] == 1 and in_close["target"] == target.address
-        st = node_b.stats()
-        assert st["hbone_status"][401] == 1 and st["policy_denied"] == 1
+        assert attempt(mesh.client, bob) in ("eof", "reset")
+        (c,) = ev.wait(1, "close", reason="policy_denied")
+        assert c.peer_id == BOB and c.http_status == 401 and c.target == target.address
+        assert c.policy_name == "prod/deny-bob" and c.policy_reason == "denied_by_policy"
+        (oc,) = bob_ev.wait(1, "close")
+        assert oc.http_status == 401 and oc.reason == "policy_denied"
         assert target.accepted == 0
+        facts = ConnectionFacts.of(mesh.client.ip4, mesh.server.ip4, target.address[1], BOB)
+        assert not srv.explain(facts, listener=hbone).allowed  # the explain API agrees
+        assert srv.explain(facts).allowed  # (judged as no workload: the selector misses)
 
-        # alice: allowed; keep her stream open across a swap that denies her
-        live = mesh.client.connect(outs["alice"], timeout=IO_TIMEOUT)
+        # alice: allowed; her live stream is reset when a new table denies her
+        live = mesh.client.connect(alice, timeout=IO_TIMEOUT)
         live.sendall(b"ping")
         assert live.recv(4) == b"ping"
         assert target.wait_accepted(1)
-        assert node_b.stats()["hbone_status"][200] == 1
-        deny_alice = PolicySet.from_yaml(
-            policy_yaml(deny_principals("deny-alice", ALICE))
-        )  # fmt: skip
-        assert node_b.set_policy(deny_alice.compile([wl])) == 2
-        changed = b_events.wait(
-            lambda e: e["type"] == "close" and e["reason"] == "policy_changed", "the re-check"
-        )
-        assert changed[0]["peer_id"] == ALICE and changed[0]["policy_gen"] == 2
-        logs = [e["message"] for e in b_events.items if e["type"] == "log"]
-        assert any(
-            "closed by a policy change" in m and ALICE in m and "prod/deny-alice" in m for m in logs
-        )
-        # the stream was reset: alice's client sees the connection end, the target too
+        (o,) = ev.wait(1, "open", peer_id=ALICE)
+        assert o.http_status == 200 and o.policy_reason == "allowed_no_allow_policy"
+        srv.set_policy(policy_yaml(_deny_bob_on_app_server(), deny_principals("deny-alice", ALICE)))
+        (ch,) = ev.wait(1, "close", reason="policy_changed")
+        assert ch.peer_id == ALICE and ch.policy_name == "prod/deny-alice"
         live.settimeout(IO_TIMEOUT)
         with contextlib.suppress(ConnectionResetError):
             assert live.recv(1) == b""
         live.close()
         assert target.wait_idle(IO_TIMEOUT)
-        # counters carry by name: deny-bob is gone, deny-alice counts new denials only
-        gen, counters = node_b.policy_counters()
-        assert gen == 2 and counters[1] == (0, 0, 0)
-        assert attempt(mesh.client, outs["alice"]) in ("eof", "reset")
-        wait_until(lambda: node_b.policy_counters()[1][1] == (0, 1, 0), what="deny counted")
+        wait_until(
+            lambda: logs.lines("ztun.engine", f"closed by a policy change: .*{ALICE}.*deny-alice"),
+            what="the per-connection log line",
+        )
+        # counters carry over by name
+        st = srv.stats()
+        assert st.policies["prod/deny-bob"].denied == 1
+        assert st.policies["prod/deny-alice"].denied == 0
+        assert attempt(mesh.client, alice) in ("eof", "reset")
+        wait_until(lambda: srv.stats().policies["prod/deny-alice"].denied == 1, what="count")
         assert target.accepted == 1
+        del alice_t
+
+
+def test_hbone_delivery_to_python_only_after_policy(mesh: Mesh):
+    srv = mesh.tunnel(
+        mesh.server, SERVER, workloads=[mesh.workload], policies=_deny_bob_on_app_server()
+    )
+    ev = Events(srv)
+    mesh.server.call(srv.serve, (mesh.server.ip4, 15008), workloads=[mesh.server.ip4])
+    app = (mesh.server.ip4, 8080)  # no socket listens there: the app is srv.accept()
+    _, bob = _hbone_client(mesh, BOB, app)
+    _, alice = _hbone_client(mesh, ALICE, app)
+    assert attempt(mesh.client, bob) in ("eof", "reset")
+    ev.wait(1, "close", reason="policy_denied", peer_id=BOB)
+    with pytest.raises(TimeoutError):
+        srv.accept(timeout=0.5)  # nothing was delivered for bob
+    c = mesh.client.connect(alice, timeout=IO_TIMEOUT)
+    c.sendall(b"hello")
+    s = srv.accept(timeout=IO_TIMEOUT)
+    try:
+        assert s.peer_id == ALICE
+        assert s.recv(5) == b"hello"
+    finally:
+        s.close()
+        c.close()
