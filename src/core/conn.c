@@ -1193,9 +1193,13 @@ void zflow_tick(struct zworker *w)
 			connect_failed(w, f, ETIMEDOUT);
 		} else if (f->state == FS_PREAMBLE) {
 			zflow_set_detail(f, "SOCKS5 negotiation timed out");
+			zworker_emit_log(w, ZTUN_LOG_INFO, "conn %llu: SOCKS5 negotiation timed out",
+					 (unsigned long long)f->id);
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		} else {
 			zflow_set_detail(f, "TLS handshake timed out");
+			zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake timed out",
+					 (unsigned long long)f->id);
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		}
 	}

@@ -201,6 +201,16 @@ static void sync_done(struct zsync *s, int rc)
 	pthread_mutex_unlock(&s->mu);
 }
 
+static void cmd_refuse(struct zcmd *c)
+{
+	if (c->type == CMD_ADOPT) {
+		close(c->u.adopt.fd);
+		zlistener_put(c->u.adopt.l);
+	}
+	sync_done(c->sync, ZTUN_ECLOSED);
+	free(c);
+}
+
 static void worker_enqueue(struct zworker *w, struct zcmd *c)
 {
 	uint64_t one = 1;
@@ -208,6 +218,12 @@ static void worker_enqueue(struct zworker *w, struct zcmd *c)
 
 	c->next = NULL;
 	pthread_mutex_lock(&w->qlock);
+	if (w->exited) {
+		/* Nobody will run it: complete it now so no caller waits forever. */
+		pthread_mutex_unlock(&w->qlock);
+		cmd_refuse(c);
+		return;
+	}
 	if (w->qtail)
 		w->qtail->next = c;
 	else
@@ -477,8 +493,20 @@ static void *worker_main(void *arg)
 			}
 		}
 	}
-	/* Commands that raced with the stop: complete them so no caller hangs. */
-	worker_run_cmds(w);
+	/* Commands that raced with the stop: refuse them, and every later one, so no
+	 * caller hangs. */
+	pthread_mutex_lock(&w->qlock);
+	w->exited = 1;
+	struct zcmd *c = w->qhead;
+
+	w->qhead = w->qtail = NULL;
+	pthread_mutex_unlock(&w->qlock);
+	while (c) {
+		struct zcmd *next = c->next;
+
+		cmd_refuse(c);
+		c = next;
+	}
 	return NULL;
 }
 
@@ -494,6 +522,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	w->idx = idx;
 	w->epfd = -1;
 	w->cmdfd = -1;
+	w->exited = 1; /* until started: commands are refused, never left waiting */
 	pthread_mutex_init(&w->qlock, NULL);
 	zlist_init(&w->flows);
 	zlist_init(&w->pending);
@@ -534,12 +563,7 @@ static void worker_destroy(struct zworker *w)
 	while (c) {
 		struct zcmd *next = c->next;
 
-		if (c->type == CMD_ADOPT) {
-			close(c->u.adopt.fd);
-			zlistener_put(c->u.adopt.l);
-		}
-		sync_done(c->sync, ZTUN_ECLOSED);
-		free(c);
+		cmd_refuse(c);
 		c = next;
 	}
 	for (int i = 0; i < w->nlisteners; i++)
@@ -628,9 +652,13 @@ int ztun_engine_start(ztun_engine *e)
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (int i = 0; i < e->nworkers; i++) {
-		int err = pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]);
+		int err;
+
+		e->workers[i].exited = 0;
+		err = pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]);
 
 		if (err) {
+			e->workers[i].exited = 1;
 			rc = -err;
 			break;
 		}
@@ -665,6 +693,14 @@ int ztun_engine_stop(ztun_engine *e, uint32_t drain_ms)
 			e->workers[i].started = 0;
 		}
 	}
+	/* Listening sockets stop accepting now (new connections are refused), even
+	 * if the engine's memory is released later. */
+	pthread_mutex_lock(&e->lock);
+	for (int i = 0; i < e->nlisteners; i++) {
+		if (e->listeners[i]->fd >= 0)
+			shutdown(e->listeners[i]->fd, SHUT_RDWR);
+	}
+	pthread_mutex_unlock(&e->lock);
 	/* Wake any event consumer so it sees the final records. */
 	atomic_store(&e->ev_armed, 1);
 	if (e->nworkers)
@@ -944,6 +980,8 @@ int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx)
 		old = l->tls;
 		l->tls = ztun_tls_ctx_ref(ctx);
 		pthread_mutex_unlock(&l->tls_lock);
+		/* A session made with the old certificate or trust must not be resumed. */
+		ztls_slot_clear(&l->slot);
 		ztun_tls_ctx_free(old);
 		rc = 0;
 		break;

@@ -155,6 +155,7 @@ struct zworker {
 	struct ztag cmd_tag;
 	pthread_mutex_t qlock;
 	struct zcmd *qhead, *qtail;
+	int exited; /* under qlock: the loop ended, commands are refused */
 
 	struct zpool pool;
 	struct zpipe *pipes;  /* free splice pipes */

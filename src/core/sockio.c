@@ -411,6 +411,9 @@ int zep_handshake(struct zep *ep, struct ztls_hs *hs, char **peer_id)
 			return -EACCES;
 		}
 		ztls_detach(ep->ssl);
+		/* The last handshake read may have pulled application data into OpenSSL's
+		 * read-ahead buffer, where no epoll edge will ever announce it: read once. */
+		ep->rd_ready = 1;
 		return 1;
 	}
 	e = SSL_get_error(ep->ssl, r);

@@ -301,9 +301,11 @@ cdef class Engine:
     cdef cztun.ztun_engine *_e
     cdef object _tls_keep   # listener id -> TlsContext, so contexts outlive their use
     cdef bytearray _evbuf
+    cdef bint _closed
 
     def __cinit__(self):
         self._e = NULL
+        self._closed = False
 
     def __init__(self, int workers=0, uint32_t connect_timeout_ms=0,
                  uint32_t handshake_timeout_ms=0, uint32_t idle_timeout_ms=0,
@@ -338,7 +340,7 @@ cdef class Engine:
             self._e = NULL
 
     cdef int _alive(self) except -1:
-        if self._e == NULL:
+        if self._e == NULL or self._closed:
             raise EngineError(-10008, "engine is closed")
         return 0
 
@@ -366,10 +368,14 @@ cdef class Engine:
             cztun.ztun_engine_stop(self._e, drain_ms)
 
     def close(self) -> None:
-        if self._e != NULL:
-            with nogil:
-                cztun.ztun_engine_free(self._e)
-            self._e = NULL
+        """Stop the workers and close the listening sockets. The memory is released
+        when the object goes away, so a call racing with close() on another thread
+        fails cleanly instead of touching freed memory."""
+        if self._e == NULL or self._closed:
+            return
+        self._closed = True
+        with nogil:
+            cztun.ztun_engine_stop(self._e, 0)
         self._tls_keep = {}
 
     def add_listener(self, int mode, object bind=None, object upstream=None, *,
