@@ -18,8 +18,8 @@ __all__ = ["ConnectionEvent", "EngineLog", "access_log_line", "parse_event"]
 access_logger = logging.getLogger("ztun.access")
 engine_logger = logging.getLogger("ztun.engine")
 
-_MODES = {1: "forward", 2: "outbound", 3: "inbound", 4: "inbound", 5: "outbound"}
-_MODE_PROTO = {1: "TCP", 2: "TLS", 3: "TLS", 4: "HBONE", 5: "HBONE"}
+_MODES = {1: "forward", 2: "outbound", 3: "inbound", 4: "inbound", 5: "outbound", 6: "outbound"}
+_MODE_PROTO = {1: "TCP", 2: "TLS", 3: "TLS", 4: "HBONE", 5: "HBONE", 6: "SOCKS5"}
 # enum ztun_policy_reason (src/include/ztun/policy.h); values of ztun.policy.Reason names
 _POLICY_REASONS = {
     1: "denied_by_policy",

@@ -45,7 +45,7 @@ from ztun.events import (
     parse_event,
 )
 from ztun.identity import IdentitySource, SpiffeId, Svid, TrustBundle
-from ztun.mesh import HBONE_PORT, MeshMixin
+from ztun.mesh import HBONE_PORT, HboneServer, MeshMixin
 from ztun.policy import ConnectionFacts, Decision, PolicySet, Reason, Workload
 
 if TYPE_CHECKING:
@@ -578,6 +578,37 @@ class Tunnel(MeshMixin):
                 self._listener_workloads[lid] = workload
         self._ensure_pump()
         return handle
+
+    def serve(
+        self,
+        listen: Address = ("0.0.0.0", HBONE_PORT),
+        *,
+        workloads: Sequence[str] | None = None,
+        deliver: bool = True,
+        policy: bool = True,
+    ) -> HboneServer:
+        """Accept HBONE (mTLS + HTTP/2 CONNECT) on ``listen`` (see
+        :meth:`ztun.mesh.MeshMixin.serve`), authorized by this tunnel's policy.
+
+        Each CONNECT is judged, before the engine dials the authority or delivers the
+        stream, as the workload that owns the authority's IP (``Tunnel(workload=,
+        workloads=)``), else as this tunnel's workload; a denied one is answered 401.
+        ``workloads`` (the IPs answered for) defaults to those workloads' IPs when they
+        have any. ``policy`` must stay True: HBONE inbound is always subject to the
+        policy in force (a tunnel without policies allows everything).
+        """
+        if not policy:
+            raise ValueError(
+                "policy: HBONE inbound connections are always authorized by the tunnel's "
+                "policy; use a Tunnel without policies to allow every authenticated peer"
+            )
+        if workloads is None:
+            ips = [
+                str(ip) for w in (self._workload, *self._served) if w is not None for ip in w.ips
+            ]
+            if ips:
+                workloads = list(dict.fromkeys(ips))
+        return super().serve(listen, workloads=workloads, deliver=deliver)
 
     def _remove_listener(self, ep: _Endpoint) -> None:
         with self._lock:

@@ -207,6 +207,8 @@ static void cmd_refuse(struct zcmd *c)
 		close(c->u.adopt.fd);
 		zlistener_put(c->u.adopt.l);
 	}
+	if (c->type == CMD_SET_POLICY)
+		zpolicy_put(c->u.policy); /* the reference taken for this worker */
 	sync_done(c->sync, ZTUN_ECLOSED);
 	free(c);
 }
@@ -248,6 +250,8 @@ static int broadcast(struct ztun_engine *e, const struct zcmd *tmpl, int wait)
 		struct zcmd *c = malloc(sizeof(*c));
 
 		if (!c) {
+			if (tmpl->type == CMD_SET_POLICY)
+				zpolicy_put(tmpl->u.policy); /* this worker's reference */
 			sync_done(&s, ZTUN_ENOMEM);
 			continue;
 		}

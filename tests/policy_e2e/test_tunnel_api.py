@@ -127,3 +127,14 @@ def test_forward_policy_argument_rules(ca: SpiffeCA):
         st = t.stats()
         assert st.policy_allowed == 1 and st.policy_defaults.allowed == 1
         assert st.policies == {"prod/d": st.policies["prod/d"]}
+
+
+def test_serve_is_always_policy_checked(ca: SpiffeCA):
+    with _tunnel(ca, SERVER, policies=deny_principals("d", BOB)) as t:
+        with pytest.raises(ValueError, match="always authorized"):
+            t.serve((LO, 0), policy=False)
+        srv = t.serve((LO, 0), policy=True)
+        facts = ConnectionFacts.of("10.0.0.1", LO, 8080, BOB)
+        assert not t.explain(facts, listener=srv).allowed
+    with pytest.raises(ValueError, match="workloads"):
+        Tunnel(workloads=WEB)  # type: ignore[arg-type]
