@@ -130,7 +130,7 @@ def test_forward_policy_argument_rules(ca: SpiffeCA):
 
 
 def test_serve_is_always_policy_checked(ca: SpiffeCA):
-    with _tunnel(ca, SERVER, policies=deny_principals("d", BOB)) as t:
+    with _tunnel(ca, SERVER, policies=deny_principals("d", BOB), workload=WEB) as t:
         with pytest.raises(ValueError, match="always authorized"):
             t.serve((LO, 0), policy=False)
         srv = t.serve((LO, 0), policy=True)
