@@ -668,7 +668,7 @@ class Daemon:
         if self._policy_ok:
             for key, rt in self._runtimes.items():
                 if key in want and key not in started and rt.tunnel is not None:
-                    rt.tunnel.set_policy(_nonempty(new.policies))  # type: ignore[attr-defined]
+                    rt.tunnel.set_policy(_nonempty(new.policies))
         for rt in replaced.values():
             self._draining_tunnels.append(self._drain_later(rt, nc.drain_timeout))
         for key, rt in list(self._runtimes.items()):
