@@ -457,9 +457,11 @@ class Tunnel(MeshMixin):
             engine = self._engine
             if engine is None:
                 return
-            for ep in self._endpoints.values():
-                if isinstance(ep, Listener) or (isinstance(ep, Forward) and ep.secure):
-                    engine.set_listener_tls(ep.id, tls)
+            # Every listener with a TLS context: forwards, listen(), serve(), SOCKS5
+            # and the virtual listeners behind connect().
+            for lid in engine.tls_listeners():
+                with contextlib.suppress(EngineError):
+                    engine.set_listener_tls(lid, tls)
 
     # ---- listeners -------------------------------------------------------
 

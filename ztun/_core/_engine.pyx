@@ -509,6 +509,10 @@ cdef class Engine:
             free(v)
         _check(rc, "directory")
 
+    def tls_listeners(self) -> list:
+        """Ids of the listeners that hold a TLS context (to swap on rotation)."""
+        return list(self._tls_keep)
+
     def pause_accept(self) -> None:
         cdef int rc
         self._alive()
