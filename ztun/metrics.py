@@ -24,11 +24,20 @@ folds the batched events into per-label-set totals:
 
 So for every finished connection the labelled byte totals equal, byte for byte, what
 its client sent and received. Bytes of connections still open are added at scrape time
-when the engine can list live connections with their counts (``live`` callback, see
-docs/daemon.md); until then they appear when the connection closes. Events the ring
-had to drop (``ztun_events_dropped_total``) are missing from the labelled totals but not
-from the engine's own totals (``ztun_engine_*``), which are read from its atomic counters
-at each scrape.
+(the ``live`` callback: the engine lists its live connections with their current counts,
+``Engine.connections()``), as ztunnel's counters grow while a connection is open. Nothing
+is counted twice and the totals never go down:
+
+* a live connection counts under its opening labels only while :class:`TrafficMetrics`
+  holds it open (its ``open`` folded, its ``close`` not yet); the ``close`` adds the final
+  counts and ends the live part in the same step;
+* a connection the engine no longer lists but whose ``close`` is still in the event ring
+  keeps the counts seen at the previous scrape (the final ones are never smaller);
+* a connection the engine lists before its ``open`` was folded is left out until then.
+
+Events the ring had to drop (``ztun_events_dropped_total``) are missing from the labelled
+totals but not from the engine's own totals (``ztun_engine_*``), which are read from its
+atomic counters at each scrape.
 """
 
 from __future__ import annotations
@@ -158,6 +167,9 @@ class TrafficMetrics:
         self._lock = threading.Lock()
         self._totals: dict[TrafficLabels, _Totals] = {}
         self._live: dict[tuple[str, int], TrafficLabels] = {}
+        # live connections' byte counts as last scraped: used while the engine no longer
+        # lists a connection whose close event has not been folded yet
+        self._seen: dict[tuple[str, int], tuple[int, int]] = {}
 
     def _t(self, labels: TrafficLabels) -> _Totals:
         t = self._totals.get(labels)
@@ -175,6 +187,7 @@ class TrafficMetrics:
             if rec.kind != "close":
                 return
             opened = self._live.pop(rec.key, None)
+            self._seen.pop(rec.key, None)
             if opened is None:  # never established: count its opening now
                 opened = rec.labels
                 self._t(opened).opened += 1
@@ -187,25 +200,40 @@ class TrafficMetrics:
                 final.failed += 1
 
     def forget_engine(self, engine: str) -> None:
-        """An engine stopped: its live connections will never report a close."""
+        """An engine stopped: its live connections will never report a close (their
+        events were lost); the bytes last scraped stay counted."""
         with self._lock:
             for key in [k for k in self._live if k[0] == engine]:
-                del self._live[key]
+                labels = self._live.pop(key)
+                seen = self._seen.pop(key, None)
+                if seen is not None:
+                    t = self._t(labels)
+                    t.received += seen[0]
+                    t.sent += seen[1]
 
     def snapshot(
         self, live_bytes: dict[tuple[str, int], tuple[int, int]] | None = None
     ) -> dict[TrafficLabels, _Totals]:
-        """Totals per label set; ``live_bytes`` adds open connections' current counts."""
+        """Totals per label set; ``live_bytes`` ((engine, conn_id) -> (client -> server,
+        server -> client) bytes of the connections the engines list now) adds the open
+        connections' current counts (see the module docstring)."""
         with self._lock:
             out = {k: dataclasses.replace(v) for k, v in self._totals.items()}
-            if live_bytes:
-                for key, (req, resp) in live_bytes.items():
-                    labels = self._live.get(key)
-                    if labels is None:
-                        continue
-                    t = out.setdefault(labels, _Totals())
-                    t.received += req
-                    t.sent += resp
+            if live_bytes is None:
+                return out
+            for key, labels in self._live.items():
+                now = live_bytes.get(key)
+                seen = self._seen.get(key)
+                if now is None:
+                    now = seen  # gone from the engine, its close not folded yet
+                elif seen is not None:
+                    now = (max(now[0], seen[0]), max(now[1], seen[1]))
+                if now is None:
+                    continue
+                self._seen[key] = now
+                t = out.setdefault(labels, _Totals())
+                t.received += now[0]
+                t.sent += now[1]
         return out
 
     @property

@@ -134,6 +134,55 @@ def test_ready_traffic_and_metrics_equal_the_bytes(mesh: Mesh) -> None:
     assert rec["dst.hbone_addr"] == f"{mesh.api.ip}:8080"
 
 
+def _wait_metric(
+    daemon: Ztund, name: str, want: float, timeout: float = 10.0, **labels: str
+) -> str:
+    """Scrape until ``name{labels}`` equals ``want``; the last scrape's text."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = daemon.metrics_text()
+        if value(text, name, **labels) == want or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+def test_bytes_of_open_connections_are_counted_at_scrape_time(mesh: Mesh) -> None:
+    mesh.start()
+    src = {"reporter": "source", "destination_workload": "api", "response_flags": "-"}
+    dst = {"reporter": "destination", "source_workload": "client", "response_flags": "-"}
+    received, sent = "istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"
+    live = mesh.client.connect(("127.0.0.1", 9080))  # client -> api, cross-node
+    live.settimeout(10)
+    total = 0
+    for n in (300_001, 4_000_000):
+        data = os.urandom(n)
+        live.sendall(data)
+        got = bytearray()
+        while len(got) < n:
+            chunk = live.recv(1 << 20)
+            assert chunk, "closed early"
+            got += chunk
+        assert got == data
+        total += n
+        # still open: both reporters already count every byte, each way
+        for d, labels in ((mesh.a, src), (mesh.b, dst)):
+            text = _wait_metric(d, received, total, **labels)
+            assert value(text, received, **labels) == total, d.node.name
+            assert value(text, sent, **labels) == total, d.node.name
+            assert value(text, "istio_tcp_connections_opened_total", **labels) == 1
+            assert value(text, "istio_tcp_connections_closed_total", **labels) == 0
+    live.shutdown(socket.SHUT_WR)
+    assert live.recv(10) == b""
+    live.close()
+    # closed: the final counts replace the live ones, nothing is counted twice
+    for d, labels in ((mesh.a, src), (mesh.b, dst)):
+        text = _wait_metric(d, "istio_tcp_connections_closed_total", 1, **labels)
+        assert value(text, "istio_tcp_connections_closed_total", **labels) == 1, d.node.name
+        assert value(text, received, **labels) == total
+        assert value(text, sent, **labels) == total
+
+
 @pytest.mark.timeout(120)
 def test_not_ready_while_a_listener_cannot_open(mesh: Mesh) -> None:
     blocker = mesh.db.listen(15008)  # db's HBONE port is taken inside its namespace

@@ -3,6 +3,7 @@ exposition is read back with prometheus_client's parser."""
 
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 from prometheus_client.exposition import generate_latest
@@ -75,6 +76,51 @@ def test_live_bytes_are_added_at_scrape_time() -> None:
     assert t.snapshot()[OUT].received == 0
     t.forget_engine("e")
     assert t.live == 0
+    # the engine stopped before the close event came: the bytes seen stay counted
+    assert t.snapshot({})[OUT].received == 5
+
+
+def test_live_bytes_never_double_counted_nor_going_down() -> None:
+    t = TrafficMetrics()
+    key = ("e", 1)
+    scrapes = []
+
+    def scrape_now(live: dict) -> tuple[int, int]:
+        s = t.snapshot(live).get(OUT)
+        got = (s.received, s.sent) if s else (0, 0)
+        scrapes.append(got)
+        return got
+
+    # listed by the engine before its open event is folded: not counted yet
+    assert scrape_now({key: (10, 1)}) == (0, 0)
+    t.record(ConnectionRecord(key, "open", OUT))
+    assert scrape_now({key: (100, 50)}) == (100, 50)
+    # finished in the engine, close event still in the ring: the last counts stay
+    assert scrape_now({}) == (100, 50)
+    t.record(ConnectionRecord(key, "close", OUT, "ok", 200, 120, 60))
+    # folded: the final counts, once, whether the engine still lists it or not
+    assert scrape_now({key: (120, 60)}) == (120, 60)
+    assert scrape_now({}) == (120, 60)
+    # another connection under the same labels adds to the total
+    t.record(ConnectionRecord(("e", 2), "open", OUT))
+    assert scrape_now({("e", 2): (3, 4), key: (999, 999)}) == (123, 64)
+    for a, b in itertools.pairwise(scrapes):
+        assert b[0] >= a[0] and b[1] >= a[1]
+
+
+def test_collector_exposes_live_bytes() -> None:
+    t = TrafficMetrics()
+    t.record(ConnectionRecord(("e", 1), "open", OUT))
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(MeshCollector(t, lambda: [], live=lambda: {("e", 1): (4096, 2048)}))
+    out: dict = {}
+    for fam in text_string_to_metric_families(generate_latest(reg).decode()):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    assert get(out, "istio_tcp_received_bytes_total", OUT) == 4096
+    assert get(out, "istio_tcp_sent_bytes_total", OUT) == 2048
+    assert get(out, "istio_tcp_connections_opened_total", OUT) == 1
+    assert get(out, "istio_tcp_connections_closed_total", OUT) is None
 
 
 def test_response_flags() -> None:
