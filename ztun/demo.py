@@ -671,11 +671,17 @@ spec:
 """
 
 CHUNK = 1 << 20
+HBONE_PORT = 15008
+# The apps' transfers take a few seconds; this bounds a stuck one.
+TRAFFIC_TIMEOUT = 60.0
+# Once the apps are done, how long to wait for the daemons' access-log lines: they are
+# written when the engines report the connections' ends, milliseconds later.
+LOG_GRACE = 10.0
 
 
 @dataclass
 class DemoConn:
-    """One application connection the demo makes, and what the daemons said about it."""
+    """One application connection the demo makes, and what the daemons logged about it."""
 
     n: int
     src: WorkloadNs
@@ -686,26 +692,69 @@ class DemoConn:
     size: int
     sent: int = 0
     received: int = 0
-    state: str = "waiting"
-    detail: str = ""
-    local_port: int = 0
+    state: str = "waiting"  # connecting, streaming, verified, refused, failed
+    error: str | None = None  # what the app saw go wrong
     verified: bool = False
-    trace: str | None = None
-    src_identity: str | None = None
-    dst_identity: str | None = None
-    decision: str | None = None
-    policy: str | None = None
-    error: str | None = None
-    inbound_seen: bool = False
     sock: socket.socket | None = None
     started: float = 0.0
     finished: float = 0.0
+    out_rec: dict[str, Any] | None = None  # access log of the source side (src's node)
+    in_rec: dict[str, Any] | None = None  # access log of the destination side
+    live: dict[str, Any] | None = None  # from /metrics while open (before the logs)
 
     @property
-    def path(self) -> str:
-        if self.src.node is self.dst.node:
-            return f"same node\n({self.src.node.name})"
-        return f"cross-node\n{self.src.node.name} → {self.dst.node.name}"
+    def done(self) -> bool:
+        return self.state in ("verified", "refused", "failed")
+
+    @property
+    def same_node(self) -> bool:
+        return self.src.node is self.dst.node
+
+    @property
+    def route(self) -> str:
+        return "same node" if self.same_node else "cross-node"
+
+    @property
+    def target(self) -> str:
+        return f"{self.dst.key}:{self.dst_port}"
+
+    @property
+    def logged(self) -> bool:
+        return self.out_rec is not None and self.in_rec is not None
+
+    def _rec(self, key: str, *order: dict[str, Any] | None) -> Any:
+        for r in order:
+            if r is not None and r.get(key):
+                return r[key]
+        return None
+
+    @property
+    def src_identity(self) -> str | None:
+        # the client certificate, as the destination verified it
+        return self._rec("src.identity", self.in_rec, self.out_rec, self.live)  # type: ignore[no-any-return]
+
+    @property
+    def dst_identity(self) -> str | None:
+        # the server certificate, as the source verified it (the forward's expected ID)
+        return self._rec("dst.identity", self.out_rec, self.in_rec, self.live)  # type: ignore[no-any-return]
+
+    @property
+    def decision(self) -> str | None:
+        return self._rec("decision", self.in_rec, self.out_rec)  # type: ignore[no-any-return]
+
+    @property
+    def policy(self) -> str | None:
+        return self._rec("policy", self.in_rec)  # type: ignore[no-any-return]
+
+    @property
+    def status(self) -> int | None:
+        return self._rec("status", self.out_rec, self.in_rec)  # type: ignore[no-any-return]
+
+    def tunnel_bytes(self) -> tuple[int, int]:
+        """Bytes each way: what ztund delivered (access log) once known, else the app's."""
+        if self.in_rec is not None and self.done:
+            return int(self.in_rec.get("bytes_sent", 0)), int(self.in_rec.get("bytes_recv", 0))
+        return self.sent, self.received
 
 
 def _payload(seed: int, size: int) -> Iterator[bytes]:
@@ -720,18 +769,27 @@ def _payload(seed: int, size: int) -> Iterator[bytes]:
         i += 1
 
 
+def _err(where: str, e: OSError) -> str:
+    return f"{where}: {e.strerror or e}"
+
+
 def _drive(conn: DemoConn) -> None:
     """Send ``size`` bytes through the forward, read the echo, compare SHA-256."""
     conn.state = "connecting"
     conn.started = time.monotonic()
     try:
         sock = conn.src.connect(("127.0.0.1", conn.port))
+    except (ConnectionResetError, ConnectionAbortedError) as e:
+        # ztund accepted the app's connection and reset it before connect() returned
+        # (a refusal that came back fast): refused, as the app would see it
+        conn.state, conn.error = "refused", _err("connect", e)
+        conn.finished = time.monotonic()
+        return
     except OSError as e:
-        conn.state, conn.detail = "failed", f"connect: {e}"
+        conn.state, conn.error = "failed", _err("connect", e)
         conn.finished = time.monotonic()
         return
     conn.sock = sock
-    conn.local_port = sock.getsockname()[1]
     sock.settimeout(30)
     want = hashlib.sha256()
     got = hashlib.sha256()
@@ -746,7 +804,7 @@ def _drive(conn: DemoConn) -> None:
                 got.update(data)
                 conn.received += len(data)
         except OSError as e:
-            errors.append(f"recv: {e.strerror or e}")
+            errors.append(_err("recv", e))
 
     rt = threading.Thread(target=reader, daemon=True)
     rt.start()
@@ -758,20 +816,20 @@ def _drive(conn: DemoConn) -> None:
             conn.sent += len(chunk)
         sock.shutdown(socket.SHUT_WR)
     except OSError as e:
-        errors.append(f"send: {e.strerror or e}")
-    rt.join(60)
+        errors.append(_err("send", e))
+    rt.join(TRAFFIC_TIMEOUT)
     sock.close()
     conn.finished = time.monotonic()
+    conn.error = errors[0] if errors else None
     if conn.received == conn.size and got.digest() == want.digest() and not errors:
         conn.verified = True
         conn.state = "verified"
-        conn.detail = "echo SHA-256 ok"
     elif conn.received == 0:
         conn.state = "refused"
-        conn.detail = errors[0] if errors else "closed without a byte"
+        conn.error = conn.error or "closed without a byte"
     else:
         conn.state = "failed"
-        conn.detail = errors[0] if errors else f"echo {conn.received} of {conn.size} bytes"
+        conn.error = conn.error or f"echo {conn.received} of {conn.size} bytes"
 
 
 def _human(n: float) -> str:
@@ -785,128 +843,229 @@ def _human(n: float) -> str:
 def _short_id(sid: str | None) -> str:
     """``spiffe://cluster.local/ns/demo/sa/api`` -> ``ns/demo/sa/api`` (one trust domain)."""
     if not sid:
-        return "-"
+        return "…"
     rest = sid.removeprefix("spiffe://")
     return rest.split("/", 1)[1] if "/" in rest else rest
 
 
-class _Correlator:
-    """Matches the daemons' access-log records with the demo's connections."""
+class _AccessLogs:
+    """The daemons' access-log records, matched to the demo's connections.
 
-    def __init__(self, conns: list[DemoConn]) -> None:
-        self.conns = conns
-        self.lock = threading.Lock()
-        self.pending_inbound: list[dict[str, Any]] = []
+    Each demo connection is the only one between its two workloads, so a record belongs
+    to the connection with its ``src.workload`` and ``dst.workload``; ``direction`` says
+    which side wrote it. Matching is redone from all records at every refresh, so the
+    order in which the two daemons' lines arrive (and when the app's ``connect()``
+    returned) does not matter.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: list[dict[str, Any]] = []
 
     def feed(self, rec: dict[str, Any]) -> None:
-        if rec.get("scope") != "ztun.access":
-            return
-        with self.lock:
-            if rec.get("direction") == "outbound":
-                for c in self.conns:
-                    if (
-                        c.local_port
-                        and rec.get("src.addr") == f"127.0.0.1:{c.local_port}"
-                        and (rec.get("src.workload") == c.src.name)
-                    ):
-                        c.trace = rec.get("trace")
-                        c.src_identity = rec.get("src.identity")
-                        c.dst_identity = c.dst_identity or rec.get("dst.identity")
-                        if rec.get("error"):
-                            c.error = rec["error"]
-                        if rec.get("status") == 401:
-                            c.decision = c.decision or "deny"
-            else:
-                self.pending_inbound.append(rec)
-            for r in list(self.pending_inbound):
-                for c in self.conns:
-                    if c.trace and r.get("trace") == c.trace:
-                        c.inbound_seen = True
-                        c.src_identity = r.get("src.identity") or c.src_identity
-                        c.dst_identity = r.get("dst.identity") or c.dst_identity
-                        c.decision = r.get("decision") or c.decision
-                        c.policy = r.get("policy") or c.policy
-                        if r.get("error"):
-                            c.error = r["error"]
-                        self.pending_inbound.remove(r)
-                        break
+        if rec.get("scope") == "ztun.access":
+            with self._lock:
+                self._records.append(rec)
+
+    def apply(self, conns: list[DemoConn]) -> None:
+        with self._lock:
+            records = list(self._records)
+        for c in conns:
+            for r in records:
+                if (r.get("src.workload"), r.get("dst.workload")) != (c.src.name, c.dst.name):
+                    continue
+                if r.get("direction") == "outbound":
+                    c.out_rec = r
+                elif r.get("direction") == "inbound":
+                    c.in_rec = r
+
+
+class _MetricsPoller:
+    """Scrapes the daemons' /metrics while the traffic runs: the identities of the
+    connections still open (their labels), before their access-log lines exist."""
+
+    def __init__(self, daemons: Sequence[Ztund], interval: float = 0.5) -> None:
+        self.daemons = list(daemons)
+        self.interval = interval
+        self._ids: dict[tuple[str, str], dict[str, str]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="demo-metrics", daemon=True)
+
+    def __enter__(self) -> _MetricsPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        while not self._stop.wait(self.interval):
+            for z in self.daemons:
+                try:
+                    text = z.metrics_text()
+                except (OSError, RuntimeError):
+                    continue
+                for fam in text_string_to_metric_families(text):
+                    for smp in fam.samples:
+                        lb = smp.labels
+                        if (
+                            smp.name != "istio_tcp_connections_opened_total"
+                            or lb.get("reporter") != "destination"
+                        ):
+                            continue
+                        pair = (lb["source_workload"], lb["destination_workload"])
+                        with self._lock:
+                            self._ids[pair] = {
+                                "src.identity": lb["source_principal"],
+                                "dst.identity": lb["destination_principal"],
+                            }
+
+    def apply(self, conns: list[DemoConn]) -> None:
+        with self._lock:
+            for c in conns:
+                c.live = self._ids.get((c.src.name, c.dst.name))
+
+
+_STATE_STYLE = {"verified": "green", "refused": "red", "failed": "bold red"}
+
+
+def _result_detail(c: DemoConn) -> str:
+    if c.state == "verified":
+        return "echo SHA-256 ok"
+    if c.state == "refused" and c.status:
+        return f"{c.status} → app reset"
+    return c.error or ""
 
 
 def _conn_table(conns: list[DemoConn]) -> Any:
     from rich.table import Table
 
-    t = Table(
-        title="connections: app → 127.0.0.1:<forward> → ztund ═ HBONE/mTLS ═ ztund → app "
-        "(identities: spiffe://cluster.local/…)",
-        title_justify="left",
-    )
+    t = Table(title="connections", title_justify="left", title_style="bold")
     t.add_column("#", justify="right")
-    t.add_column("from → to", no_wrap=True)
-    t.add_column("path", no_wrap=True)
-    t.add_column("identities (verified)", no_wrap=True)
-    t.add_column("sent / echoed", justify="right")
-    t.add_column("decision (policy)", no_wrap=True)
-    t.add_column("result", no_wrap=True)
+    t.add_column("connection", min_width=12)
+    t.add_column("path", min_width=14)
+    t.add_column("identities (mTLS)", min_width=12)
+    t.add_column("bytes ↑ / ↓", justify="right", min_width=10)
+    t.add_column("decision", min_width=8)
+    t.add_column("result", min_width=8)
     for c in conns:
-        ids = "…"
-        if c.src_identity or c.dst_identity:
-            ids = f"{_short_id(c.src_identity)}\n→ {_short_id(c.dst_identity)}"
+        nodes = (
+            f"{c.src.node.name} (same node)"
+            if c.same_node
+            else f"{c.src.node.name} → {c.dst.node.name}"
+        )
+        ids = f"{_short_id(c.src_identity)}\n→ {_short_id(c.dst_identity)}"
+        up, down = c.tunnel_bytes()
         if c.decision == "allow":
             dec = f"[green]ALLOW[/]\n{c.policy or ''}"
         elif c.decision == "deny":
-            dec = f"[red]DENY[/]\n{c.policy or ''}"
+            dec = f"[bold red]DENY[/]\n{c.policy or ''}"
         else:
-            dec = "…" if c.state not in ("verified", "refused", "failed") else "-"
-        style = {"verified": "green", "refused": "red", "failed": "bold red"}.get(c.state, "yellow")
+            dec = "…" if not c.done else "[yellow]not logged[/]"
+        style = _STATE_STYLE.get(c.state, "yellow")
         result = f"[{style}]{c.state}[/]"
-        if c.detail and c.state in ("verified", "refused", "failed"):
-            result += f"\n[dim]{c.detail}[/]"
+        if c.done:
+            result += f"\n[dim]{_result_detail(c)}[/]"
         t.add_row(
             str(c.n),
-            f"{c.src.key}\n→ {c.dst.key}:{c.dst_port}",
-            c.path,
+            f"{c.src.key} →\n{c.target}",
+            f"{nodes}\n⇒ {c.dst.ip}:{HBONE_PORT}",
             ids,
-            f"{_human(c.sent)}\n{_human(c.received)}",
+            f"↑ {_human(up)}\n↓ {_human(down)}",
             dec,
             result,
         )
     return t
 
 
-_METRIC_COLUMNS = ("opened", "closed", "failed", "received", "sent")
+def _verdict(c: DemoConn) -> tuple[bool, str]:
+    """Whether the connection ended as the demo expects, and a line saying how."""
+    head = f"{c.n} {c.src.key} → {c.target} ({c.route}): "
+    if c.expect_allowed:
+        ok = c.verified and c.decision == "allow" and c.logged
+        if ok:
+            return True, (f"{head}ALLOW by {c.policy}; {_human(c.size)} each way, SHA-256 verified")
+        return False, f"{head}expected ALLOW and an intact echo, got {_outcome(c)}"
+    ok = c.state == "refused" and c.decision == "deny" and c.received == 0
+    if ok:
+        up, _ = c.tunnel_bytes()
+        return True, (
+            f"{head}DENY by {c.policy}; CONNECT → {c.status}, {_human(up)} reached {c.dst.key}"
+        )
+    return False, f"{head}expected DENY, got {_outcome(c)}"
 
 
-def _metrics_rows(text: str, node: str) -> list[list[str]]:
-    """One row per label set of the istio_tcp_* families scraped from a daemon."""
+def _outcome(c: DemoConn) -> str:
+    parts = [c.state]
+    if c.error:
+        parts.append(c.error)
+    parts.append(f"decision={c.decision or 'not logged'}")
+    if not c.logged:
+        missing = [
+            side for side, rec in (("source", c.out_rec), ("destination", c.in_rec)) if rec is None
+        ]
+        parts.append(f"no access-log line from the {' and '.join(missing)} side")
+    return ", ".join(parts)
+
+
+_METRIC_FAMILIES = {
+    "istio_tcp_connections_opened_total": "opened",
+    "istio_tcp_connections_closed_total": "closed",
+    "istio_tcp_connections_failed_total": "failed",
+    "istio_tcp_received_bytes_total": "received",
+    "istio_tcp_sent_bytes_total": "sent",
+}
+
+
+_RowKey = tuple[str, str, str, str, str]  # src, dst, node, reporter, security
+
+
+def _metrics_rows(texts: dict[str, str], order: Sequence[tuple[str, str]] = ()) -> list[list[str]]:
+    """One row per (source → destination, node, reporter, security) of the istio_tcp_*
+    families scraped from the daemons (``texts``: node name -> /metrics text), the rows
+    of one workload pair together, source side first. A connection's opening is counted
+    under ``response_flags="-"`` and its close under its final flags (ztunnel's way);
+    the row merges them and shows the close flags."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    names = {
-        "istio_tcp_connections_opened_total": "opened",
-        "istio_tcp_connections_closed_total": "closed",
-        "istio_tcp_connections_failed_total": "failed",
-        "istio_tcp_received_bytes_total": "received",
-        "istio_tcp_sent_bytes_total": "sent",
-    }
-    rows: dict[tuple[str, str, str, str], dict[str, float]] = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            col = names.get(smp.name)
-            if col is None:
-                continue
-            lb = smp.labels
-            key = (
-                lb["reporter"],
-                f"{lb['source_workload']} → {lb['destination_workload']}",
-                lb["response_flags"],
-                "mTLS" if lb["connection_security_policy"] == "mutual_tls" else "plain",
-            )
-            row = rows.setdefault(key, {})
-            row[col] = row.get(col, 0.0) + smp.value
+    rows: dict[_RowKey, dict[str, float]] = {}
+    flags: dict[_RowKey, set[str]] = {}
+    for node, text in texts.items():
+        for fam in text_string_to_metric_families(text):
+            for smp in fam.samples:
+                col = _METRIC_FAMILIES.get(smp.name)
+                if col is None:
+                    continue
+                lb = smp.labels
+                sec = "mTLS" if lb["connection_security_policy"] == "mutual_tls" else "plain"
+                key = (
+                    lb["source_workload"],
+                    lb["destination_workload"],
+                    node,
+                    lb["reporter"],
+                    sec,
+                )
+                row = rows.setdefault(key, {})
+                row[col] = row.get(col, 0.0) + smp.value
+                if col == "closed" and smp.value:
+                    flags.setdefault(key, set()).add(lb["response_flags"])
+    rank = {pair: i for i, pair in enumerate(order)}
+
+    def sort_key(k: _RowKey) -> tuple[Any, ...]:
+        return (rank.get((k[0], k[1]), len(rank)), k[0], k[1], k[3] != "source", k[2], k[4])
+
     out = []
-    for key, v in sorted(rows.items()):
-        cells = [f"{v.get(c, 0):.0f}" for c in _METRIC_COLUMNS[:3]]
-        cells += [_human(v.get(c, 0)) for c in _METRIC_COLUMNS[3:]]
-        out.append([node, *key, *cells])
+    for key in sorted(rows, key=sort_key):
+        v = rows[key]
+        src, dst, node, reporter, sec = key
+        shown = sorted(flags.get(key, set()) - {"-"}) or ["-"]
+        cells = [f"{v.get(c, 0):.0f}" for c in ("opened", "closed", "failed")]
+        cells += [_human(v.get(c, 0)) for c in ("received", "sent")]
+        out.append([f"{src} → {dst}", f"{node} ({reporter})", sec, *cells, ",".join(shown)])
     return out
 
 
@@ -922,11 +1081,46 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return total
 
 
-def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None = None) -> int:
+def _setup_panel(cluster: Cluster) -> Any:
+    from rich.panel import Panel
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    for n in cluster.nodes:
+        grid.add_row(
+            f"[bold]{n.name}[/] {n.ip}",
+            ", ".join(f"{w.key} {w.ip}" for w in n.workloads),
+        )
+    grid.add_row("", "")
+    for name, action, target, source in (
+        ("demo/api-allow-client", "ALLOW", "app=api", "ns/demo/sa/client"),
+        ("demo/db-allow-client", "ALLOW", "app=db", "ns/demo/sa/client"),
+        ("demo/deny-api-to-db", "DENY", "app=db", "ns/demo/sa/api"),
+    ):
+        color = "green" if action == "ALLOW" else "red"
+        grid.add_row(f"[{color}]{action}[/] {name}", f"to {target} from {source}")
+    return Panel(
+        grid,
+        title="nodes and workloads (network namespaces), AuthorizationPolicies",
+        title_align="left",
+        expand=False,
+    )
+
+
+PATH_LEGEND = (
+    "[dim]path: the app dials 127.0.0.1:<port> inside its own namespace → its ztund engine "
+    "(source workload's certificate)\n"
+    "  ═ HBONE: HTTP/2 CONNECT over mTLS 1.3 to the destination workload's IP:15008 ═▶ "
+    "its engine (own certificate)\n"
+    "  checks the AuthorizationPolicies → dials the app. Identities are "
+    "spiffe://cluster.local/…, verified by both ends.[/]"
+)
+
+
+def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None = None) -> int:
     """Build the cluster, run the daemons and the traffic, show it, tear down. Exit code."""
     from rich.console import Console
     from rich.live import Live
-    from rich.panel import Panel
     from rich.table import Table
 
     from ztun.daemon import policy_supported
@@ -937,29 +1131,26 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
     if os.geteuid() != 0:
         con.print("[red]The demo creates network namespaces: run it as root (sudo make demo).[/]")
         return 1
+    if not policy_supported():
+        con.print("[red]This build of ztun cannot enforce policy on HBONE inbound.[/]")
+        return 1
     t0 = time.monotonic()
-    enforce = policy_supported()
     own_dir = workdir is None
     work = Path(workdir or tempfile.mkdtemp(prefix="ztun-demo-"))
     daemons: list[Ztund] = []
-    servers: list[EchoServer] = []
+    servers: dict[str, EchoServer] = {}
     conns: list[DemoConn] = []
     cluster: Cluster | None = None
     ok = False
     try:
-        con.rule("[bold]ztun demo: two nodes, three workloads, two ztund")
+        con.rule("[bold]ztun demo: two nodes, three workloads, a ztund on each node")
         cluster = Cluster("demo")
         a, b = cluster.add_nodes("node-a", "node-b")
         client = cluster.add_workload(a, "client")
         db = cluster.add_workload(a, "db")
         api = cluster.add_workload(b, "api")
         cluster.wait_reachable()
-        topo = Table.grid(padding=(0, 2))
-        for n in cluster.nodes:
-            topo.add_row(
-                f"[bold]{n.name}[/] {n.ip}", ", ".join(f"{w.key} {w.ip}" for w in n.workloads)
-            )
-        con.print(Panel(topo, title="network namespaces (198.18.0.0/15)", expand=False))
+        con.print(_setup_panel(cluster))
 
         pol_dir = work / "policies"
         pol_dir.mkdir(parents=True, exist_ok=True)
@@ -973,7 +1164,7 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
             DemoConn(2, client, db, 9081, 5432, True, size),
             DemoConn(3, api, db, 9082, 5432, False, size),
         ]
-        corr = _Correlator(conns)
+        logs = _AccessLogs()
         for node in cluster.nodes:
             path = work / f"{node.name}.yaml"
             write_yaml(
@@ -983,56 +1174,85 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
                     node,
                     ca_dir=str(work / "ca"),
                     state_dir=str(work / node.name),
-                    policies=[str(pol_dir)] if enforce else [],
+                    policies=[str(pol_dir)],
                     forwards=forwards,
                     drain_timeout="10s",
                 ),
             )
             daemons.append(
-                Ztund(node, path, log_path=work / f"{node.name}.log", on_log=corr.feed).start()
+                Ztund(node, path, log_path=work / f"{node.name}.log", on_log=logs.feed).start()
             )
-        if not enforce:
-            con.print(
-                "[bold yellow]This build cannot enforce policy on HBONE inbound yet: "
-                "running without policies (connection 3 will not be denied).[/]"
-            )
+        t_start = time.monotonic()
         for z in daemons:
             z.wait_ready(60)
-        con.print(f"ztund ready on both nodes ([dim]configs and logs in {work}[/])")
-        servers = [EchoServer(api.listen(8080)), EchoServer(db.listen(5432))]
+        con.print(
+            f"ztund ready on both nodes in {time.monotonic() - t_start:.1f} s: certificates "
+            "issued, :15008 open inside every workload, policies in force"
+        )
+        servers = {
+            "api": EchoServer(api.listen(8080)),
+            "db": EchoServer(db.listen(5432)),
+        }
+        con.print(PATH_LEGEND)
 
         threads = [threading.Thread(target=_drive, args=(c,), daemon=True) for c in conns]
-        with Live(_conn_table(conns), console=con, refresh_per_second=8) as live:
+        t_traffic = time.monotonic()
+        with (
+            Live(_conn_table(conns), console=con, refresh_per_second=8) as live,
+            _MetricsPoller(daemons) as poller,
+        ):
             for th in threads:
                 th.start()
-            deadline = time.monotonic() + 90
-            while time.monotonic() < deadline:
+            deadline = t_traffic + TRAFFIC_TIMEOUT
+            apps_done: float | None = None
+            while True:
+                poller.apply(conns)
+                logs.apply(conns)
                 live.update(_conn_table(conns))
-                done = all(not th.is_alive() for th in threads)
-                logged = all(c.inbound_seen or c.state == "failed" for c in conns)
-                if done and logged:
+                now = time.monotonic()
+                if apps_done is None and all(not th.is_alive() for th in threads):
+                    apps_done = now
+                if apps_done is not None and (
+                    all(c.logged for c in conns) or now > apps_done + LOG_GRACE
+                ):
+                    break
+                if now > deadline:
                     break
                 time.sleep(0.1)
+            logs.apply(conns)
             live.update(_conn_table(conns))
         con.print()
+        traffic_s = time.monotonic() - t_traffic
+        for c in conns:
+            good, line = _verdict(c)
+            con.print(f"[green]✓[/] {line}" if good else f"[bold red]✗ {line}[/]")
+
         texts = {z.node.name: z.metrics_text() for z in daemons}
-        mt = Table(title="metrics scraped from each ztund's /metrics", title_justify="left")
-        for col in ("node", "reporter", "source → destination", "flags", "security"):
-            mt.add_column(col)
-        for col in _METRIC_COLUMNS:
+        mt = Table(
+            title="metrics: istio_tcp_* scraped from each ztund's /metrics",
+            title_justify="left",
+            title_style="bold",
+            caption="received: client → server bytes, sent: server → client; "
+            "flags: response_flags of the closes",
+            caption_justify="left",
+        )
+        mt.add_column("source → destination")
+        mt.add_column("node (reporter)")
+        mt.add_column("security")
+        for col in ("opened", "closed", "failed", "received", "sent"):
             mt.add_column(col, justify="right")
-        for node_name, text in texts.items():
-            for row in _metrics_rows(text, node_name):
-                mt.add_row(*row)
+        mt.add_column("flags")
+        for row in _metrics_rows(texts, [(c.src.name, c.dst.name) for c in conns]):
+            mt.add_row(*row)
         con.print(mt)
 
-        problems = _check(conns, texts, enforce)
+        problems = _check(conns, texts, servers)
         for p in problems:
             con.print(f"[bold red]✗ {p}[/]")
         if not problems:
             con.print(
-                "[bold green]✓ allowed connections verified end to end (SHA-256), the "
-                "denied one refused by policy, metrics equal to the bytes sent[/]"
+                f"[bold green]✓ as expected: 2 allowed and verified end to end, 1 "
+                f"denied by policy, metrics equal to the bytes (traffic {traffic_s:.1f} s)[/]"
             )
         ok = not problems
     except KeyboardInterrupt:
@@ -1047,7 +1267,7 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
             if c.sock is not None:
                 with contextlib.suppress(OSError):
                     c.sock.close()
-        for s in servers:
+        for s in servers.values():
             s.close()
         codes = []
         for z in daemons:
@@ -1061,9 +1281,11 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
                 ok = False
         if own_dir and ok:
             shutil.rmtree(work, ignore_errors=True)
+        elif daemons:
+            con.print(f"configs and daemon logs kept in {work}")
         if codes:
             con.print(
-                "ztund drained and exited: "
+                "ztund drained and exited (SIGTERM): "
                 + ", ".join(f"{n} → {c}" for n, c in codes)
                 + f"; namespaces removed; {time.monotonic() - t0:.1f} s in all"
             )
@@ -1072,37 +1294,42 @@ def run_demo(*, size: int = 32 << 20, console: Any = None, workdir: str | None =
     return 0 if ok else 1
 
 
-def _check(conns: list[DemoConn], texts: dict[str, str], enforce: bool) -> list[str]:
+def _check(
+    conns: list[DemoConn], texts: dict[str, str], servers: dict[str, EchoServer]
+) -> list[str]:
+    """Everything the demo claims, checked: outcomes, access logs, metrics, the apps."""
     problems = []
     for c in conns:
-        if c.expect_allowed or not enforce:
-            if not c.verified:
-                problems.append(
-                    f"connection {c.n} ({c.src.key} → {c.dst.key}): {c.state} {c.detail}"
-                )
-                continue
-            # Both reporters count exactly the bytes of the connection.
-            for reporter, node in (("source", c.src.node.name), ("destination", c.dst.node.name)):
-                labels = {
-                    "reporter": reporter,
-                    "source_workload": c.src.name,
-                    "destination_workload": c.dst.name,
-                    "response_flags": "-",
-                }
-                got = metric_value(texts[node], "istio_tcp_received_bytes_total", **labels)
-                sent = metric_value(texts[node], "istio_tcp_sent_bytes_total", **labels)
-                if got != c.size or sent != c.size:
-                    problems.append(
-                        f"connection {c.n}: {node} reporter={reporter} received={got:.0f} "
-                        f"sent={sent:.0f}, expected {c.size} each"
-                    )
-        elif c.state != "refused" or c.decision != "deny":
-            problems.append(
-                f"connection {c.n} ({c.src.key} → {c.dst.key}) was not denied: "
-                f"{c.state} decision={c.decision}"
+        good, line = _verdict(c)
+        if not good:
+            problems.append(f"connection {line}")
+            continue
+        flags = "-" if c.expect_allowed else "DENY"
+        want_bytes = c.size if c.expect_allowed else 0
+        # Both reporters count the connection, under its final flags, with its bytes.
+        for reporter, node in (("source", c.src.node.name), ("destination", c.dst.node.name)):
+            pair = {
+                "reporter": reporter,
+                "source_workload": c.src.name,
+                "destination_workload": c.dst.name,
+            }
+            closed = metric_value(
+                texts[node], "istio_tcp_connections_closed_total", response_flags=flags, **pair
             )
-    if not enforce:
-        problems.append("policy enforcement is missing in this build: no connection was denied")
+            got = metric_value(texts[node], "istio_tcp_received_bytes_total", **pair)
+            sent = metric_value(texts[node], "istio_tcp_sent_bytes_total", **pair)
+            if closed != 1 or got != want_bytes or sent != want_bytes:
+                problems.append(
+                    f"connection {c.n}: {node} reporter={reporter}: closed{{flags={flags}}}="
+                    f"{closed:.0f} received={got:.0f} sent={sent:.0f}, expected 1, "
+                    f"{want_bytes} and {want_bytes}"
+                )
+    # The denied connection never reached db's app: db accepted the client's only.
+    db_conns = sum(1 for c in conns if c.dst.name == "db" and c.expect_allowed)
+    if "db" in servers and servers["db"].accepted != db_conns:
+        problems.append(
+            f"demo/db's app accepted {servers['db'].accepted} connections, expected {db_conns}"
+        )
     return problems
 
 
@@ -1111,7 +1338,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m ztun.demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=32, help="MiB sent per connection (default 32)")
+    ap.add_argument(
+        "--size", type=int, default=128, help="MiB sent each way per connection (default 128)"
+    )
     args = ap.parse_args(argv)
 
     me = os.getpid()

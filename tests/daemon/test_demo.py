@@ -1,8 +1,12 @@
-"""``make demo``'s entry point, run as the user runs it (``python -m ztun.demo``)."""
+"""``make demo``'s entry point, run as the user runs it (``python -m ztun.demo``): it exits
+0, prints the three outcomes (two connections allowed and verified, one denied by the
+policy that decided) in its table, its verdict lines and its metrics, and leaves nothing
+behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -10,24 +14,40 @@ import time
 import pytest
 from harness.caps import require
 
-from ztun.daemon import policy_supported
-
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 
+SIZE_MIB = 4
 
-@pytest.mark.xfail(
-    not policy_supported(),
-    reason="the demo's denied connection needs policy on HBONE inbound "
-    "(notes/requests-daemon.md #2); the demo exits 1 and says so",
-    strict=True,
-)
+
+def _table_rows(out: str, first_header: str) -> tuple[list[str], list[list[list[str]]]]:
+    """The header cells and the rows (each a list of physical lines' cells) of the rich
+    table whose header starts with ``first_header``."""
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("┃") and first_header in ln)
+    header = [c.strip() for c in lines[start].strip("┃").split("┃")]
+    rows: list[list[list[str]]] = []
+    for ln in lines[start + 2 :]:
+        if ln.startswith("└"):
+            break
+        cells = [c.strip() for c in ln.strip("│").split("│")]
+        if cells[0] or not rows:  # a row's first line has its first cell set
+            rows.append([cells])
+        else:
+            rows[-1].append(cells)
+    return header, rows
+
+
+def _col(row: list[list[str]], i: int) -> list[str]:
+    return [line[i] for line in row if line[i]]
+
+
 @pytest.mark.timeout(150)
 def test_make_demo_entry_point() -> None:
     require("netns")
     before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     t0 = time.monotonic()
     r = subprocess.run(
-        [sys.executable, "-m", "ztun.demo", "--size", "4"],
+        [sys.executable, "-m", "ztun.demo", "--size", str(SIZE_MIB)],
         check=False, capture_output=True, text=True, timeout=140,
         env=dict(os.environ, COLUMNS="140"),
     )  # fmt: skip
@@ -36,7 +56,55 @@ def test_make_demo_entry_point() -> None:
     assert not {n for n in after - before if n.startswith("ztd-")}, "namespaces left behind"
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
-    assert elapsed < 120
-    assert "verified" in out and "DENY" in out and "demo/deny-api-to-db" in out
-    assert "istio" not in r.stderr
+    assert elapsed < 60, f"the demo took {elapsed:.1f}s"
+    assert "✗" not in out and "Traceback" not in r.stderr, out + r.stderr
+
+    # The verdict lines: who talked to whom, which way, what decided.
+    size = f"{SIZE_MIB:.1f} MiB"
+    for want in (
+        rf"✓ 1 demo/client → demo/api:8080 \(cross-node\): ALLOW by demo/api-allow-client; "
+        rf"{size} each way, SHA-256 verified",
+        rf"✓ 2 demo/client → demo/db:5432 \(same node\): ALLOW by demo/db-allow-client; "
+        rf"{size} each way, SHA-256 verified",
+        r"✓ 3 demo/api → demo/db:5432 \(cross-node\): DENY by demo/deny-api-to-db; "
+        r"CONNECT → 401, 0 B reached demo/db",
+    ):
+        assert re.search(want, out), f"missing {want!r} in:\n{out}"
+
+    # The connections table: every column filled on every row, with the same outcomes.
+    header, rows = _table_rows(out, "connection")
+    assert header == [
+        "#", "connection", "path", "identities (mTLS)", "bytes ↑ / ↓", "decision", "result",
+    ]  # fmt: skip
+    assert [row[0][0] for row in rows] == ["1", "2", "3"]
+    for row in rows:
+        for i, name in enumerate(header):
+            assert _col(row, i), f"empty column {name!r} in row {row}"
+    expect = [
+        ("node-a → node-b", "ns/demo/sa/client", "→ ns/demo/sa/api", "ALLOW",
+         "demo/api-allow-client", "verified", f"↑ {size}"),
+        ("node-a (same node)", "ns/demo/sa/client", "→ ns/demo/sa/db", "ALLOW",
+         "demo/db-allow-client", "verified", f"↑ {size}"),
+        ("node-b → node-a", "ns/demo/sa/api", "→ ns/demo/sa/db", "DENY",
+         "demo/deny-api-to-db", "refused", "↑ 0 B"),
+    ]  # fmt: skip
+    for row, (path, src_id, dst_id, decision, policy, result, up) in zip(rows, expect, strict=True):
+        assert _col(row, 2)[0] == path
+        assert _col(row, 3) == [src_id, dst_id]
+        assert _col(row, 4)[0] == up
+        assert _col(row, 5) == [decision, policy]
+        assert _col(row, 6)[0] == result
+    assert _col(rows[2], 6)[1] == "401 → app reset"
+
+    # The metrics, both reporters of each connection; the denied one closed with DENY.
+    _, mrows = _table_rows(out, "source → destination")
+    flat = [" | ".join(row[0]) for row in mrows]
+    for want in (
+        f"client → api | node-a (source) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
+        f"client → api | node-b (destination) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
+        f"client → db | node-a (destination) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
+        "api → db | node-b (source) | mTLS | 1 | 1 | 1 | 0 B | 0 B | DENY",
+        "api → db | node-a (destination) | mTLS | 1 | 1 | 1 | 0 B | 0 B | DENY",
+    ):
+        assert want in flat, f"missing metrics row {want!r} in {flat}"
     assert "node-a → 0, node-b → 0" in out
