@@ -77,7 +77,12 @@ class Sink:
 
 
 def echo_roundtrip(sock: socket.socket, data: bytes) -> bytes:
-    """Send ``data``, half-close, return everything echoed until EOF."""
+    """Send ``data``, half-close, return everything echoed until EOF or a reset.
+
+    A connection ztund refuses is reset; the reset may come before the send finished
+    (EPIPE / ECONNRESET), so a failed send ends the exchange too: what was echoed so far
+    is returned, and a caller comparing it with ``data`` sees the difference.
+    """
     out = bytearray()
 
     def reader() -> None:
@@ -90,10 +95,25 @@ def echo_roundtrip(sock: socket.socket, data: bytes) -> bytes:
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    sock.sendall(data)
-    sock.shutdown(socket.SHUT_WR)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
     t.join(60)
     return bytes(out)
+
+
+def refused_roundtrip(workload: WorkloadNs, addr: tuple[str, int], data: bytes = b"no") -> bytes:
+    """Connect through a forward and echo ``data``; b"" when ztund refuses the connection.
+
+    ztund accepts the app's connection before it asks the peer (HBONE CONNECT); a refusal
+    reaches the app as a reset, which may already be there when ``connect()`` returns.
+    """
+    try:
+        sock = workload.connect(addr)
+    except (ConnectionResetError, ConnectionAbortedError):
+        return b""
+    with sock:
+        return echo_roundtrip(sock, data)
 
 
 @dataclass

@@ -19,19 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.conftest import DEFAULT_FORWARDS, Mesh, Sink, echo_roundtrip
+from daemon.conftest import DEFAULT_FORWARDS, Mesh, Sink, echo_roundtrip, refused_roundtrip
 from ztun.ca import CertificateAuthority
-from ztun.daemon import policy_supported
 from ztun.demo import Ztund, socks5_handshake
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
-
-POLICY_XFAIL = pytest.mark.xfail(
-    not policy_supported(),
-    reason="needs policy on HBONE inbound in Tunnel (Tunnel(policies=), set_policy, "
-    "serve(policy=)): notes/requests-daemon.md #2",
-    strict=True,
-)
 
 
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
@@ -371,7 +363,6 @@ def test_sighup_applies_forwards_without_dropping_live_connections(mesh: Mesh) -
     assert "error" not in rec
 
 
-@POLICY_XFAIL
 @pytest.mark.timeout(120)
 def test_sighup_policy_denies_new_and_closes_newly_denied_live(mesh: Mesh) -> None:
     mesh.start()
@@ -397,8 +388,7 @@ def test_sighup_policy_denies_new_and_closes_newly_denied_live(mesh: Mesh) -> No
     assert allowed.recv(10) == b"still"
     with mesh.client.connect(("127.0.0.1", 9081)) as s:
         assert echo_roundtrip(s, b"ok") == b"ok"
-    with mesh.api.connect(("127.0.0.1", 9082)) as s:
-        assert echo_roundtrip(s, b"no") == b""
+    assert refused_roundtrip(mesh.api, ("127.0.0.1", 9082)) == b""
     # The daemon counts a close when its event arrives: give the second one a moment.
     deadline = time.monotonic() + 10
     while True:
