@@ -33,6 +33,7 @@ import dataclasses
 import datetime as dt
 import functools
 import inspect
+import ipaddress
 import json
 import logging
 import os
@@ -153,7 +154,7 @@ class WorkloadRuntime:
         self.spiffe_id = spiffe_id
         self.name = name  # unique engine name (metrics keys): "ns/name#generation"
         self.tunnel: Tunnel | None = None
-        self.inbound: HboneServer | None = None
+        self.inbounds: list[HboneServer] = []  # one per IP family (dual stack)
         self.socks5: Forward | None = None
         self.forwards: dict[tuple[str, int], tuple[ResolvedForward, Forward]] = {}
         self.listeners: dict[int, ListenerInfo] = {}
@@ -166,8 +167,27 @@ class WorkloadRuntime:
         return self.spec.key
 
     @property
+    def inbound(self) -> HboneServer | None:
+        return self.inbounds[0] if self.inbounds else None
+
+    @property
     def running(self) -> bool:
-        return self.tunnel is not None and self.inbound is not None
+        return self.tunnel is not None and bool(self.inbounds)
+
+    def open_inbound(self, listen: Sequence[tuple[str, int]], **serve_kw: Any) -> None:
+        """HBONE listeners on ``listen`` (called inside the namespace)."""
+        assert self.tunnel is not None
+        servers = []
+        try:
+            for addr in listen:
+                servers.append(self.tunnel.serve(addr, **serve_kw))
+        except BaseException:
+            for h in servers:
+                h.close()
+            raise
+        self.inbounds = servers
+        for h in servers:
+            self.listeners[h.id] = ListenerInfo("inbound")
 
     def in_netns(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         assert self.spec.netns is not None
@@ -201,13 +221,13 @@ class WorkloadRuntime:
         if self.socks5 is not None:
             self.socks5.close()
             self.socks5 = None
-        if self.inbound is not None:
-            self.inbound.close()
+        for h in self.inbounds:
+            h.close()
 
     def describe(self) -> dict[str, Any]:
         listeners: list[dict[str, Any]] = []
-        if self.inbound is not None:
-            listeners.append({"kind": "hbone_inbound", "address": _addr(self.inbound.address)})
+        for server in self.inbounds:
+            listeners.append({"kind": "hbone_inbound", "address": _addr(server.address)})
         if self.socks5 is not None:
             listeners.append({"kind": "socks5", "address": _addr(self.socks5.address)})
         for f, h in self.forwards.values():
@@ -488,7 +508,7 @@ class Daemon:
             kw["workload"] = self._policy_workload(w)
             serve_kw["policy"] = True
         forwards = self._resolve_forwards(cfg, w)
-        listen = (cfg.listeners.inbound_bind, cfg.listeners.inbound)
+        listen = _inbound_addresses(cfg, w)
         directory = _directory(cfg)
         li = cfg.listeners
         socks = (li.socks5_bind, li.socks5) if li.socks5 is not None else None
@@ -501,8 +521,7 @@ class Daemon:
                 t.start()
                 rt.tunnel = t
                 rt.unsubscribe = t.subscribe(functools.partial(self._on_event, rt))
-                rt.inbound = t.serve(listen, **serve_kw)
-                rt.listeners[rt.inbound.id] = ListenerInfo("inbound")
+                rt.open_inbound(listen, **serve_kw)
                 t.set_directory(directory)
                 if socks is not None:
                     rt.socks5 = t.socks5(socks)
@@ -511,7 +530,7 @@ class Daemon:
                     rt.open_forward(f)
             except BaseException:
                 rt.tunnel = None
-                rt.inbound = None
+                rt.inbounds = []
                 t.close()
                 raise
             return t
@@ -522,7 +541,7 @@ class Daemon:
             w.key,
             sid,
             w.netns,
-            _addr(rt.inbound.address if rt.inbound else None),
+            ", ".join(_addr(h.address) for h in rt.inbounds),
             len(rt.forwards),
         )
         return rt
@@ -729,9 +748,7 @@ class Daemon:
         serve_kw: dict[str, Any] = {"workloads": list(rt.spec.workload_ips), "deliver": False}
         if self._policy_ok:
             serve_kw["policy"] = True
-        listen = (cfg.listeners.inbound_bind, cfg.listeners.inbound)
-        rt.inbound = rt.in_netns(rt.tunnel.serve, listen, **serve_kw)
-        rt.listeners[rt.inbound.id] = ListenerInfo("inbound")
+        rt.in_netns(rt.open_inbound, _inbound_addresses(cfg, rt.spec), **serve_kw)
         li = cfg.listeners
         if li.socks5 is not None:
             rt.socks5 = rt.in_netns(rt.tunnel.socks5, (li.socks5_bind, li.socks5))
@@ -1162,6 +1179,22 @@ class Daemon:
         if self._admin is not None:
             self._admin.close()
         log.info("drained in %.1fs; bye", time.monotonic() - t0)
+
+
+def _inbound_addresses(cfg: Config, w: Workload) -> list[tuple[str, int]]:
+    """Where a workload's HBONE listeners bind: ``inboundBind``, and when that is a
+    wildcard and the workload has addresses of the other IP family, that family's
+    wildcard too (dual stack: the engine binds IPv6 sockets IPV6_V6ONLY, one family
+    per socket)."""
+    li = cfg.listeners
+    out = [(li.inbound_bind, li.inbound)]
+    wildcard = {4: "0.0.0.0", 6: "::"}
+    family = ipaddress.ip_address(li.inbound_bind).version
+    if li.inbound_bind == wildcard[family]:
+        other = 6 if family == 4 else 4
+        if any(ipaddress.ip_address(ip).version == other for ip in w.workload_ips):
+            out.append((wildcard[other], li.inbound))
+    return out
 
 
 def _live_connections(t: Tunnel) -> list[tuple[Any, ...]]:

@@ -286,3 +286,27 @@ def test_log_formats() -> None:
     assert obj["message"] == "connection complete"
     assert obj["src.addr"] == "198.18.1.11:4000" and obj["bytes_sent"] == 5
     assert "skipped" not in obj
+
+
+@pytest.mark.parametrize(
+    ("bind", "ips", "want"),
+    [
+        ("0.0.0.0", ["198.18.1.11"], ["0.0.0.0"]),
+        ("0.0.0.0", ["198.18.1.11", "::1"], ["0.0.0.0", "::"]),
+        ("::", ["198.18.1.11"], ["::", "0.0.0.0"]),
+        ("::", ["::1"], ["::"]),
+        ("198.18.1.11", ["198.18.1.11", "::1"], ["198.18.1.11"]),  # an address: just it
+    ],
+)
+def test_inbound_listeners_per_ip_family(
+    tmp_path: Path, bind: str, ips: list[str], want: list[str]
+) -> None:
+    from ztun.daemon import _inbound_addresses
+
+    text = GOOD.replace(
+        "  metrics: 0.0.0.0:15020\n", f"  metrics: 0.0.0.0:15020\n  inboundBind: '{bind}'\n"
+    )
+    text = text.replace("workloadIps: [198.18.1.11]", f"workloadIps: {ips}")
+    cfg = config.load(write(tmp_path, text), runtime=False).config
+    client = cfg.local_workloads()[0]
+    assert _inbound_addresses(cfg, client) == [(ip, 15008) for ip in want]

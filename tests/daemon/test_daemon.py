@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.conftest import DEFAULT_FORWARDS, Mesh, Sink, echo_roundtrip, refused_roundtrip
 from ztun.ca import CertificateAuthority
-from ztun.demo import Ztund, socks5_handshake
+from ztun.demo import EchoServer, Ztund, socks5_handshake
+from ztun.tunnel import Tunnel
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 
@@ -490,6 +491,44 @@ def test_rotation_reaches_inbound_listener(mesh: Mesh) -> None:
         assert echo_roundtrip(s, b"fresh") == b"fresh"
 
 
+@pytest.mark.timeout(120)
+def test_inbound_is_dual_stack_for_workloads_with_ipv6(mesh: Mesh) -> None:
+    # api gets an IPv6 address too: its namespace's ::1, so the test traffic stays on
+    # loopback inside api's namespace
+    for node in ("node-a", "node-b"):
+        cfg = mesh.config(node)
+        for w in cfg["workloads"]:
+            if w["name"] == "api":
+                w["workloadIps"] = [*w["workloadIps"], "::1"]
+        mesh.write_config(node, cfg)
+    mesh.start()
+
+    def inbound(daemon: Ztund, name: str) -> list[str]:
+        w = next(w for w in daemon.get_json("/config_dump")["workloads"] if w["name"] == name)
+        return [li["address"] for li in w["listeners"] if li["kind"] == "hbone_inbound"]
+
+    assert inbound(mesh.b, "api") == ["0.0.0.0:15008", "[::]:15008"]
+    assert inbound(mesh.a, "client") == ["0.0.0.0:15008"]  # IPv4 only: one listener
+    # HBONE over IPv6 to api: a client with demo/client's certificate, its engine
+    # started inside api's namespace, tunnels to [::1]:8080 via [::1]:15008.
+    mesh.servers.append(EchoServer(mesh.api.listen(8080, "::1")))
+    ca = CertificateAuthority(mesh.root / "ca", "cluster.local")
+    client_id = "spiffe://cluster.local/ns/demo/sa/client"
+    tunnel = Tunnel(identity=ca.issue(client_id), trust=ca.bundle, access_log=False)
+    mesh.api.run(tunnel.start)
+    try:
+        with tunnel.connect(
+            ("::1", 8080), expect=["spiffe://cluster.local/ns/demo/sa/api"], via=("::1", 15008)
+        ) as s:
+            assert echo_roundtrip(s, b"over IPv6") == b"over IPv6"
+    finally:
+        tunnel.close()
+    rec = access(mesh, mesh.b, **{"direction": "inbound", "dst.hbone_addr": "[::1]:8080"})
+    assert rec["src.identity"] == client_id
+    assert rec["dst.workload"] == "api" and rec["bytes_sent"] == len(b"over IPv6")
+
+
+@pytest.mark.timeout(60)
 def test_mesh_fixture_paths(mesh: Mesh) -> None:
     # the generated configs pass check-config as they are
     from ztun import config
