@@ -44,16 +44,25 @@ def _col(row: list[list[str]], i: int) -> list[str]:
 @pytest.mark.timeout(150)
 def test_make_demo_entry_point() -> None:
     require("netns")
-    before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     t0 = time.monotonic()
-    r = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "ztun.demo", "--size", str(SIZE_MIB)],
-        check=False, capture_output=True, text=True, timeout=140,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, COLUMNS="140"),
     )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=140)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     elapsed = time.monotonic() - t0
-    after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
-    assert not {n for n in after - before if n.startswith("ztd-")}, "namespaces left behind"
+    # the demo's namespaces are named after its pid (others may run tests meanwhile)
+    mine = f"ztd-{proc.pid:x}-"
+    names = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
+    left = [n for n in names if n.startswith(mine)]
+    assert not left, f"namespaces left behind: {left}"
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
     assert elapsed < 60, f"the demo took {elapsed:.1f}s"
