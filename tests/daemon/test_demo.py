@@ -53,9 +53,13 @@ def test_make_demo_entry_point() -> None:
     try:
         stdout, stderr = proc.communicate(timeout=140)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        if proc.poll() is None:  # timed out: SIGTERM tears the demo down, then SIGKILL
+            proc.terminate()
+            try:
+                proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
     elapsed = time.monotonic() - t0
     # the demo's namespaces are named after its pid (others may run tests meanwhile)
     mine = f"ztd-{proc.pid:x}-"
