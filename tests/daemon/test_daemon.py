@@ -457,16 +457,19 @@ def test_sigterm_lets_an_inflight_gib_finish(mesh: Mesh) -> None:
             break
         assert time.monotonic() < deadline, text
         time.sleep(0.05)
-    # readiness turns first, the listeners close right after it: new connections are
-    # refused from then on
+    # Readiness turns first, the listeners close right after it (forwards, then SOCKS5,
+    # then HBONE inbound). Probe SOCKS5 until it refuses, as connecting there opens no
+    # HBONE stream beside the transfer; then the forwards refuse too.
     deadline = time.monotonic() + 10
     while True:
         try:
-            mesh.client.connect(("127.0.0.1", 9080)).close()
+            mesh.client.connect(("127.0.0.1", 15080)).close()
         except ConnectionRefusedError:
             break
         assert time.monotonic() < deadline, "still accepting new connections while draining"
         time.sleep(0.05)
+    with pytest.raises(ConnectionRefusedError):
+        mesh.client.connect(("127.0.0.1", 9080)).close()
     th.join(drain)
     assert not th.is_alive(), f"transfer did not finish; sent {progress['sent']}"
     assert "error" not in result, result
