@@ -52,6 +52,7 @@ pytestmark = [
 
 OPENSSL = shutil.which("openssl") or "openssl"
 CHUNK = 64 * 1024
+PEM_CERT = rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----"
 
 
 @dataclass
@@ -306,7 +307,7 @@ def cert_from_session(path: Path) -> x509.Certificate:
         check=True,
         timeout=IO_TIMEOUT,
     ).stdout
-    m = re.search(rb"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", out, re.S)
+    m = re.search(PEM_CERT, out, re.S)
     assert m, f"no peer certificate in the saved session: {out[:500]!r}"
     return x509.load_pem_x509_certificate(m.group(0))
 
@@ -412,13 +413,9 @@ def test_openssl_s_server_behind_forward(certs: CertSet, env: Env) -> None:
     assert from_app in out, "s_server did not print what the application sent"
     m = re.search(rb"CIPHER is (\S+)", out)
     assert m and m.group(1).decode() in AEAD_SUITES, out[-2000:]  # TLS 1.3-only suite names
-    pem = re.search(
-        rb"Client certificate\n(-----BEGIN CERTIFICATE-----.*?-----END CERT)", out, re.S
-    )
+    pem = re.search(rb"Client certificate\n(" + PEM_CERT + rb")", out, re.S)
     assert pem, out[-3000:]
-    assert uri_sans(x509.load_pem_x509_certificate(pem.group(1) + b"IFICATE-----")) == [
-        certs.client_id
-    ]
+    assert uri_sans(x509.load_pem_x509_certificate(pem.group(1))) == [certs.client_id]
     assert b"verify error" not in err, err
     assert ev.reason == "ok", (ev.reason, ev.detail)
     assert ev.peer_id == certs.server_id
