@@ -152,11 +152,14 @@ class Env:
     echo: ThreadServer
     tunnel: Callable[..., tuple[Tunnel, Events]]
 
-    def pair(self, **kw: Any) -> tuple[Tunnel, Events, Listener, Tunnel, Events, Forward]:
-        """A server tunnel listening in front of the echo server and a client tunnel whose
-        forward expects the server's ID: app -> forward -> mTLS -> listen -> echo."""
+    def pair(
+        self, backend: Addr | None = None, **kw: Any
+    ) -> tuple[Tunnel, Events, Listener, Tunnel, Events, Forward]:
+        """A server tunnel listening in front of ``backend`` (default: the echo server) and
+        a client tunnel whose forward expects the server's ID:
+        app -> forward -> mTLS -> listen -> backend."""
         ts, es = self.tunnel(self.server_svid, self.ca.bundle, **kw)
-        lst = ts.listen((LOOPBACK, 0), self.echo.address)
+        lst = ts.listen((LOOPBACK, 0), backend or self.echo.address)
         tc, ec = self.tunnel(self.client_svid, self.ca.bundle, **kw)
         fwd = tc.forward((LOOPBACK, 0), lst.address, expect=[SERVER_ID])
         return ts, es, lst, tc, ec, fwd
