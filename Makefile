@@ -63,6 +63,7 @@ test-fast: build
 	$(PY) -m pytest tests/unit -q
 
 bench: build
+	@mkdir -p bench/results
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json -p no:randomly
 	$(PY) bench/report.py bench/results/latest.json
 

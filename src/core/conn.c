@@ -5,6 +5,10 @@
  * cleared only when an operation says EAGAIN. That spares an epoll_ctl per state
  * change and makes backpressure simple: when a direction's buffer is full we just
  * stop reading, the kernel's socket buffers fill, and TCP slows the sender.
+ *
+ * An endpoint can also be an HTTP/2 CONNECT stream (hbone.c): then "reading" it
+ * means taking DATA the HTTP/2 layer queued (its flow-control window bounds the
+ * queue), and "writing" it means handing bytes to the stream's data provider.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -25,14 +29,11 @@
 /* A flow relays at most this many rounds per wake-up, then yields to the others. */
 #define RELAY_ROUNDS 8
 
-static void relay(struct zworker *w, struct zflow *f);
 static void zpipe_put(struct zworker *w, struct zpipe *p);
-static int tls_flush(struct zflow *f, struct zep *ep);
-static void start_connect(struct zworker *w, struct zflow *f);
 
 /* ---- state -------------------------------------------------------------- */
 
-static int flow_set_state(struct zflow *f, int next)
+int zflow_set_state(struct zflow *f, int next)
 {
 	if (!(flow_next[f->state] & FS_BIT(next)))
 		return -1; /* a bug: the table does not allow it */
@@ -40,7 +41,7 @@ static int flow_set_state(struct zflow *f, int next)
 	return 0;
 }
 
-static void set_pending(struct zworker *w, struct zflow *f, uint32_t timeout_ms)
+void zflow_set_pending(struct zworker *w, struct zflow *f, uint32_t timeout_ms)
 {
 	f->deadline = w->now + (uint64_t)timeout_ms * 1000000ull;
 	if (!zlist_linked(&f->plink))
@@ -59,7 +60,7 @@ static void touch(struct zworker *w, struct zflow *f)
 	zlist_move_tail(&w->flows, &f->link);
 }
 
-static void set_detail(struct zflow *f, const char *s)
+void zflow_set_detail(struct zflow *f, const char *s)
 {
 	if (f->detail || !s || !*s)
 		return;
@@ -68,33 +69,35 @@ static void set_detail(struct zflow *f, const char *s)
 
 /* ---- events ------------------------------------------------------------- */
 
-static void emit_conn(struct zworker *w, struct zflow *f, int type)
+int zflow_emit(struct zworker *w, struct zflow *f, int type)
 {
-	uint32_t mask = type == ZTUN_EV_CONN_OPEN ? ZTUN_EVMASK_OPEN : ZTUN_EVMASK_CLOSE;
+	uint32_t mask = type == ZTUN_EV_CONN_OPEN	 ? ZTUN_EVMASK_OPEN
+			: type == ZTUN_EV_CONN_CLOSE ? ZTUN_EVMASK_CLOSE
+						     : ZTUN_EVMASK_ALL; /* results: always */
 	const char *local = f->tls ? ztun_tls_ctx_identity(f->tls) : NULL;
-	size_t pl = f->peer_id ? strlen(f->peer_id) : 0;
-	size_t dl = f->detail ? strlen(f->detail) : 0;
-	size_t ll = local ? strlen(local) : 0;
+	const char *parts[5] = {f->peer_id, f->detail, local, f->trace, f->baggage};
+	size_t lens[5], total = 0;
 	struct ztun_event_conn *ev;
 	uint32_t len;
 	char *p;
 
 	if (!(w->e->cfg.events & mask))
-		return;
-	if (pl > 4096)
-		pl = 4096;
-	if (dl > 1024)
-		dl = 1024;
-	if (ll > 4096)
-		ll = 4096;
-	len = zring_align((uint32_t)(sizeof(*ev) + pl + dl + ll));
+		return 0;
+	for (int i = 0; i < 5; i++) {
+		lens[i] = parts[i] ? strlen(parts[i]) : 0;
+		if (lens[i] > 2048)
+			lens[i] = 2048;
+		total += lens[i];
+	}
+	len = zring_align((uint32_t)(sizeof(*ev) + total));
 	ev = zring_reserve(&w->ring, len);
 	if (!ev)
-		return;
+		return -1;
 	memset(ev, 0, sizeof(*ev));
 	ev->h.len = len;
 	ev->h.type = (uint16_t)type;
 	ev->h.worker = (uint16_t)w->idx;
+	ev->fd = type == ZTUN_EV_ACCEPT ? f->deliver_fd : -1;
 	ev->conn_id = f->id;
 	ev->listener_id = f->l->id;
 	ev->reason = f->reason;
@@ -109,374 +112,45 @@ static void emit_conn(struct zworker *w, struct zflow *f, int type)
 	ev->bytes_up_down = f->bytes[1];
 	ev->src = f->src;
 	ev->dst = f->dst;
-	ev->peer_id_len = (uint16_t)pl;
-	ev->detail_len = (uint16_t)dl;
-	ev->local_id_len = (uint16_t)ll;
+	ev->target = f->target;
+	ev->request_id = f->request_id;
+	ev->peer_id_len = (uint16_t)lens[0];
+	ev->detail_len = (uint16_t)lens[1];
+	ev->local_id_len = (uint16_t)lens[2];
+	ev->trace_len = (uint16_t)lens[3];
+	ev->baggage_len = (uint16_t)lens[4];
 	p = (char *)(ev + 1);
-	if (pl)
-		memcpy(p, f->peer_id, pl);
-	if (dl)
-		memcpy(p + pl, f->detail, dl);
-	if (ll)
-		memcpy(p + pl + dl, local, ll);
+	for (int i = 0; i < 5; i++) {
+		if (lens[i])
+			memcpy(p, parts[i], lens[i]);
+		p += lens[i];
+	}
 	zring_commit(&w->ring, len);
 	zworker_wake_consumer(w);
-}
-
-/* ---- endpoints ---------------------------------------------------------- */
-
-static int ep_register(struct zworker *w, struct zep *ep)
-{
-	struct epoll_event ev = {
-		.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-		.data.ptr = &ep->tag,
-	};
-
-	if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, ep->fd, &ev) < 0)
-		return -errno;
-	return 0;
-}
-
-static void ep_close(struct zflow *f, struct zep *ep, int reset)
-{
-	if (ep->tx) {
-		if (!reset)
-			tls_flush(f, ep); /* best effort: an alert or close_notify */
-		zpool_put(&f->w->pool, ep->tx);
-		ep->tx = NULL;
-	}
-	if (ep->ssl) {
-		SSL_free(ep->ssl);
-		ep->ssl = NULL;
-	}
-	if (ep->fd >= 0) {
-		if (reset) {
-			/* SO_LINGER 0 turns close() into an RST: the peer sees a reset, not EOF. */
-			struct linger lg = {.l_onoff = 1, .l_linger = 0};
-
-			setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
-		}
-		close(ep->fd); /* also leaves the epoll set */
-		ep->fd = -1;
-	}
-}
-
-static int sock_error(int fd)
-{
-	int err = 0;
-	socklen_t len = sizeof(err);
-
-	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-		return errno;
-	return err;
-}
-
-/* ---- TLS output ---------------------------------------------------------
- *
- * OpenSSL writes records through a BIO of ours that appends them to ep->tx (a pool
- * buffer held only while records wait), and we send() them in batches: one
- * syscall per ~256 KiB instead of one per 16 KiB record. Reads go straight to the
- * socket with read-ahead, so one recv() brings several records too.
- */
-
-static BIO_METHOD *tx_method;
-static pthread_once_t tx_once = PTHREAD_ONCE_INIT;
-
-/* Keep room for a whole record (16 KiB + header + tag) before each SSL_write. */
-#define TLS_RECORD_ROOM (16384 + 512)
-
-static int tx_write(BIO *bio, const char *data, int len)
-{
-	struct zep *ep = BIO_get_data(bio);
-	struct zflow *f = container_of(ep, struct zflow, ep[ep->side]);
-	struct iovec iov[2];
-	int n, off = 0;
-
-	BIO_clear_retry_flags(bio);
-	if (len <= 0)
-		return 0;
-	if (!ep->tx) {
-		ep->tx = zpool_get(&f->w->pool, ZBUF_LARGE);
-		if (!ep->tx)
-			return -1;
-	}
-	if (zbuf_space(ep->tx) < (uint32_t)len) {
-		BIO_set_retry_write(bio);
-		return -1;
-	}
-	n = zbuf_fill_iov(ep->tx, iov);
-	for (int i = 0; i < n && off < len; i++) {
-		size_t take = iov[i].iov_len < (size_t)(len - off) ? iov[i].iov_len : (size_t)(len - off);
-
-		memcpy(iov[i].iov_base, data + off, take);
-		off += (int)take;
-	}
-	ep->tx->tail += (uint32_t)len;
-	return len;
-}
-
-static long tx_ctrl(BIO *bio, int cmd, long num, void *ptr)
-{
-	switch (cmd) {
-	case BIO_CTRL_FLUSH:
-		return 1; /* we flush on our own schedule */
-	case BIO_CTRL_WPENDING: {
-		struct zep *ep = BIO_get_data(bio);
-
-		return ep && ep->tx ? (long)zbuf_len(ep->tx) : 0;
-	}
-	default:
-		return 0;
-	}
-}
-
-static int tx_create(BIO *bio)
-{
-	BIO_set_init(bio, 1);
-	return 1;
-}
-
-static void tx_method_init(void)
-{
-	tx_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "ztun tx");
-	BIO_meth_set_write(tx_method, tx_write);
-	BIO_meth_set_ctrl(tx_method, tx_ctrl);
-	BIO_meth_set_create(tx_method, tx_create);
-}
-
-/* Read from the socket, write through our tx BIO. */
-static int tls_attach_bios(struct zep *ep)
-{
-	BIO *rb, *wb;
-
-	pthread_once(&tx_once, tx_method_init);
-	if (!tx_method)
-		return ZTUN_ENOMEM;
-	rb = BIO_new_socket(ep->fd, BIO_NOCLOSE);
-	wb = BIO_new(tx_method);
-	if (!rb || !wb) {
-		BIO_free(rb);
-		BIO_free(wb);
-		return ZTUN_ENOMEM;
-	}
-	BIO_set_data(wb, ep);
-	SSL_set_bio(ep->ssl, rb, wb);
-	return 0;
-}
-
-/* Send queued records. 0: all sent, -EAGAIN: the socket is full, or -errno. */
-static int tls_flush(struct zflow *f, struct zep *ep)
-{
-	while (ep->tx && zbuf_len(ep->tx)) {
-		struct iovec iov[2];
-		struct msghdr m = {.msg_iov = iov};
-		ssize_t r;
-
-		m.msg_iovlen = (size_t)zbuf_drain_iov(ep->tx, iov);
-		r = sendmsg(ep->fd, &m, MSG_NOSIGNAL);
-		if (r > 0) {
-			ep->tx->head += (uint32_t)r;
-			continue;
-		}
-		if (r < 0 && errno == EINTR)
-			continue;
-		if (r < 0 && errno == EAGAIN) {
-			ep->wr_ready = 0;
-			return -EAGAIN;
-		}
-		return r < 0 ? -errno : -EIO;
-	}
-	if (ep->tx) {
-		zpool_put(&f->w->pool, ep->tx);
-		ep->tx = NULL;
-	}
-	return 0;
-}
-
-/* TLS record errors: reads that end without close_notify are truncation — report
- * them as a reset so the other side sees an error, never a clean EOF. */
-static int tls_io_error(struct zflow *f, struct zep *ep, int ret, int for_write)
-{
-	int e = SSL_get_error(ep->ssl, ret);
-
-	switch (e) {
-	case SSL_ERROR_WANT_READ:
-		ep->rd_ready = 0;
-		if (for_write)
-			ep->wr_wants_rd = 1;
-		return -EAGAIN;
-	case SSL_ERROR_WANT_WRITE:
-		/* Our tx buffer is full: the caller flushes and retries. */
-		return -EAGAIN;
-	case SSL_ERROR_ZERO_RETURN:
-		return 0;
-	case SSL_ERROR_SYSCALL: {
-		int err = errno;
-
-		ERR_clear_error();
-		if (err == EAGAIN)
-			return -EAGAIN;
-		set_detail(f, err ? "TLS connection reset" : "TLS peer closed without close_notify");
-		return err ? -err : -ECONNRESET;
-	}
-	default: {
-		char buf[256];
-
-		ztls_describe_error(ep->ssl, ret, NULL, buf, sizeof(buf));
-		if (strstr(buf, "unexpected eof")) {
-			set_detail(f, "TLS peer closed without close_notify");
-			return -ECONNRESET;
-		}
-		set_detail(f, buf);
-		return -EPROTO;
-	}
-	}
-}
-
-/* Read into b. >0 bytes, 0 EOF, -EAGAIN, or -errno. */
-static int ep_read(struct zflow *f, struct zep *ep, struct zbuf *b)
-{
-	struct iovec iov[2];
-	int n = zbuf_fill_iov(b, iov);
-
-	if (ep->kind == EP_TCP) {
-		ssize_t r = readv(ep->fd, iov, n);
-
-		if (r >= 0)
-			return (int)r;
-		if (errno == EAGAIN || errno == EINTR) {
-			if (errno == EAGAIN)
-				ep->rd_ready = 0;
-			return -EAGAIN;
-		}
-		return -errno;
-	}
-	/* TLS: SSL_read returns one record (<= 16 KiB) per call; keep reading until the
-	 * ring is full or the socket is drained, so the plaintext side sends in bulk. */
-	size_t total = 0;
-
-	for (int i = 0; i < n; i++) {
-		char *p = iov[i].iov_base;
-		size_t left = iov[i].iov_len;
-
-		while (left) {
-			size_t got = 0;
-			int r;
-
-			ERR_clear_error();
-			r = SSL_read_ex(ep->ssl, p, left, &got);
-			if (r <= 0) {
-				int err = tls_io_error(f, ep, r, 0);
-
-				/* Report what we have; a real error recurs on the next call. */
-				if (total)
-					return (int)total;
-				return err;
-			}
-			ep->rd_wants_wr = 0;
-			total += got;
-			p += got;
-			left -= got;
-		}
-	}
-	return (int)total;
-}
-
-/* Write from b. >0 bytes consumed, -EAGAIN, or -errno. */
-static int ep_write(struct zflow *f, struct zep *ep, struct zbuf *b)
-{
-	struct iovec iov[2];
-	int n = zbuf_drain_iov(b, iov), r;
-
-	if (ep->kind == EP_TCP) {
-		struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
-		ssize_t s = sendmsg(ep->fd, &m, MSG_NOSIGNAL);
-
-		if (s >= 0)
-			return (int)s;
-		if (errno == EAGAIN || errno == EINTR) {
-			if (errno == EAGAIN)
-				ep->wr_ready = 0;
-			return -EAGAIN;
-		}
-		return -errno;
-	}
-	r = tls_flush(f, ep);
-	if (r < 0)
-		return r;
-	size_t total = 0;
-
-	for (int i = 0; i < n; i++) {
-		const char *p = iov[i].iov_base;
-		size_t left = iov[i].iov_len;
-
-		while (left) {
-			size_t put = 0, chunk = left < 16384 ? left : 16384;
-
-			if (ep->tx && zbuf_space(ep->tx) < TLS_RECORD_ROOM) {
-				r = tls_flush(f, ep);
-				if (r == -EAGAIN)
-					goto out;
-				if (r < 0)
-					return total ? (int)total : r;
-			}
-			ERR_clear_error();
-			r = SSL_write_ex(ep->ssl, p, chunk, &put);
-			if (r <= 0) {
-				int err = tls_io_error(f, ep, r, 1);
-
-				if (err == -EAGAIN)
-					goto out;
-				return total ? (int)total : err;
-			}
-			ep->wr_wants_rd = 0;
-			total += put;
-			p += put;
-			left -= put;
-		}
-	}
-out:
-	r = tls_flush(f, ep);
-	if (r < 0 && r != -EAGAIN && !total)
-		return r;
-	return total ? (int)total : -EAGAIN;
-}
-
-/* Half-close our sending side. 0 done, -EAGAIN, or -errno. */
-static int ep_shutdown_write(struct zflow *f, struct zep *ep)
-{
-	if (ep->kind == EP_TLS) {
-		int r;
-
-		if (!ep->notify_sent) {
-			ERR_clear_error();
-			/* Queues close_notify; TLS 1.3 lets us keep reading afterwards. */
-			r = SSL_shutdown(ep->ssl);
-			if (r < 0 && tls_io_error(f, ep, r, 1) == -EAGAIN)
-				return -EAGAIN;
-			ep->notify_sent = 1;
-		}
-		r = tls_flush(f, ep);
-		if (r == -EAGAIN)
-			return r;
-		/* An error here means the peer is gone: still send the TCP FIN. */
-	}
-	if (shutdown(ep->fd, SHUT_WR) < 0 && errno != ENOTCONN)
-		return -errno;
 	return 0;
 }
 
 /* ---- closing ------------------------------------------------------------ */
 
-/* How to end each side: a graceful close (FIN / close_notify) or a reset. */
-enum { END_GRACEFUL = 0, END_RESET = 1 };
-
-static void flow_close(struct zworker *w, struct zflow *f, int reason, int down_how, int up_how)
+static void rxq_free(struct zworker *w, struct zep *ep)
 {
+	while (ep->rxq_head) {
+		struct zbuf *b = ep->rxq_head;
+
+		ep->rxq_head = b->next;
+		zpool_put(&w->pool, b);
+	}
+	ep->rxq_tail = NULL;
+}
+
+void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, int up_how)
+{
+	int was = f->state;
+
 	if (f->state == FS_CLOSED)
 		return;
 	f->reason = (uint8_t)reason;
-	flow_set_state(f, FS_CLOSED);
+	zflow_set_state(f, FS_CLOSED);
 	clear_pending(f);
 	if (zlist_linked(&f->alink))
 		zlist_del(&f->alink);
@@ -486,11 +160,16 @@ static void flow_close(struct zworker *w, struct zflow *f, int reason, int down_
 		int how = s == 0 ? down_how : up_how;
 		struct zep *ep = &f->ep[s];
 
+		if (ep->kind == EP_STREAM) {
+			zh2_stream_close(w, f, ep, how == END_RESET);
+			rxq_free(w, ep);
+			continue;
+		}
 		if (how == END_GRACEFUL && ep->ssl && !ep->notify_sent && SSL_is_init_finished(ep->ssl)) {
 			SSL_shutdown(ep->ssl); /* best effort close_notify */
 			ep->notify_sent = 1;
 		}
-		ep_close(f, ep, how == END_RESET);
+		zep_close(ep, how == END_RESET);
 	}
 
 	for (int d = 0; d < 2; d++) {
@@ -499,9 +178,15 @@ static void flow_close(struct zworker *w, struct zflow *f, int reason, int down_
 		zpipe_put(w, f->pipe[d]);
 		f->pipe[d] = NULL;
 	}
+	if (f->deliver_fd >= 0) {
+		close(f->deliver_fd);
+		f->deliver_fd = -1;
+	}
 	zstat_add(&w->stats.closed, 1);
 	zstat_add(&w->stats.reason[reason], 1);
-	emit_conn(w, f, ZTUN_EV_CONN_CLOSE);
+	if (f->request_id && was < FS_RELAY)
+		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE); /* the caller learns why it failed */
+	zflow_emit(w, f, ZTUN_EV_CONN_CLOSE);
 	w->nflows--;
 	zlist_add_tail(&w->zombies, &f->link);
 }
@@ -515,6 +200,9 @@ static void flow_free(struct zflow *f)
 	ztun_tls_ctx_free(f->tls);
 	free(f->peer_id);
 	free(f->detail);
+	free(f->trace);
+	free(f->baggage);
+	free(f->req);
 	zlistener_put(f->l);
 	free(f);
 }
@@ -541,7 +229,7 @@ static void flow_fail_io(struct zworker *w, struct zflow *f, int side, int err)
 		reason = ZTUN_CLOSE_TLS_ERROR;
 	else
 		reason = ZTUN_CLOSE_IO_ERROR;
-	flow_close(w, f, reason, END_RESET, END_RESET);
+	zflow_close(w, f, reason, END_RESET, END_RESET);
 }
 
 /* ---- splice pipes -------------------------------------------------------- */
@@ -606,10 +294,127 @@ void zpipe_pool_destroy(struct zworker *w)
 
 /* ---- relay -------------------------------------------------------------- */
 
-static void count_bytes(struct zworker *w, struct zflow *f, int d, int n)
+void zflow_count_bytes(struct zworker *w, struct zflow *f, int d, uint64_t n)
 {
-	f->bytes[d] += (uint64_t)n;
-	zstat_add(&w->stats.bytes[d], (uint64_t)n);
+	f->bytes[d] += n;
+	zstat_add(&w->stats.bytes[d], n);
+}
+
+static int write_pending_tls(struct zworker *w, struct zflow *f, int side)
+{
+	struct zep *out = &f->ep[side];
+
+	if (out->tx && out->wr_ready) {
+		/* Records queued by an earlier write, a handshake or a key update. */
+		int r = zep_flush(out);
+
+		if (r == 0)
+			return 1;
+		if (r != -EAGAIN) {
+			flow_fail_io(w, f, side, r);
+			return -1;
+		}
+	}
+	return 0;
+}
+
+static int shutdown_if_done(struct zworker *w, struct zflow *f, int d, int drained)
+{
+	struct zep *in = &f->ep[d], *out = &f->ep[!d];
+	int r;
+
+	if (!in->rd_eof || !drained || out->wr_shut)
+		return 0;
+	r = zep_shutdown_write(out);
+	if (r == 0) {
+		out->wr_shut = 1;
+		return 1;
+	}
+	if (r != -EAGAIN) {
+		flow_fail_io(w, f, !d, r);
+		return -1;
+	}
+	return 0;
+}
+
+/* Stream -> socket: write the DATA the HTTP/2 layer queued, then open its window. */
+static int relay_from_stream(struct zworker *w, struct zflow *f, int d)
+{
+	struct zep *in = &f->ep[d], *out = &f->ep[!d];
+	int progress = write_pending_tls(w, f, !d), r;
+
+	if (progress < 0)
+		return -1;
+	while (in->rxq_head && out->wr_ready) {
+		struct zbuf *b = in->rxq_head;
+
+		r = zep_write(out, b);
+		if (r > 0) {
+			b->head += (uint32_t)r;
+			zflow_count_bytes(w, f, d, (uint64_t)r);
+			zh2_stream_consumed(w, in, (size_t)r);
+			progress = 1;
+			if (zbuf_len(b) == 0) {
+				in->rxq_head = b->next;
+				if (!in->rxq_head)
+					in->rxq_tail = NULL;
+				zpool_put(&w->pool, b);
+			}
+		} else if (r == -EAGAIN) {
+			break;
+		} else {
+			flow_fail_io(w, f, !d, r);
+			return -1;
+		}
+	}
+	r = shutdown_if_done(w, f, d, !in->rxq_head);
+	return r < 0 ? -1 : (progress | r);
+}
+
+/* Socket -> stream: read into buf[d]; the stream's data provider takes it from there. */
+static int relay_to_stream(struct zworker *w, struct zflow *f, int d)
+{
+	struct zep *in = &f->ep[d], *out = &f->ep[!d];
+	struct zbuf *b = f->buf[d];
+	int r;
+
+	if (in->rd_eof || !in->rd_ready || out->wr_shut || (b && !zbuf_space(b)))
+		return 0;
+	if (!b) {
+		b = f->buf[d] = zpool_get(&w->pool, f->cls[d]);
+		if (!b) {
+			zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_RESET, END_RESET);
+			return -1;
+		}
+	}
+	uint32_t space = zbuf_space(b);
+
+	r = zep_read(in, b);
+	if (r > 0) {
+		b->tail += (uint32_t)r;
+		if ((uint32_t)r == space && b->cls == ZBUF_SMALL)
+			f->cls[d] = ZBUF_LARGE;
+		zh2_stream_data_ready(w, f, d);
+		return 1;
+	}
+	if (r == 0) {
+		in->rd_eof = 1;
+		if (zbuf_len(b) == 0) {
+			zpool_put(&w->pool, b);
+			f->buf[d] = NULL;
+		}
+		zh2_stream_data_ready(w, f, d); /* the provider now ends the stream */
+		return 1;
+	}
+	if (r != -EAGAIN) {
+		flow_fail_io(w, f, d, r);
+		return -1;
+	}
+	if (zbuf_len(b) == 0) {
+		zpool_put(&w->pool, b);
+		f->buf[d] = NULL;
+	}
+	return 0;
 }
 
 /* Move bytes from ep[d] to ep[!d]. 1: progress, 0: nothing to do, -1: flow closed. */
@@ -617,23 +422,21 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 {
 	struct zep *in = &f->ep[d], *out = &f->ep[!d];
 	struct zbuf *b = f->buf[d];
-	int progress = 0, r;
+	int progress, r;
 
-	if (out->tx && out->wr_ready) {
-		/* Records queued by an earlier write, a handshake or a key update. */
-		r = tls_flush(f, out);
-		if (r == 0)
-			progress = 1;
-		else if (r != -EAGAIN) {
-			flow_fail_io(w, f, !d, r);
-			return -1;
-		}
-	}
+	if (in->kind == EP_STREAM)
+		return relay_from_stream(w, f, d);
+	if (out->kind == EP_STREAM)
+		return relay_to_stream(w, f, d);
+
+	progress = write_pending_tls(w, f, !d);
+	if (progress < 0)
+		return -1;
 	if (b && zbuf_len(b) && out->wr_ready) {
-		r = ep_write(f, out, b);
+		r = zep_write(out, b);
 		if (r > 0) {
 			b->head += (uint32_t)r;
-			count_bytes(w, f, d, r);
+			zflow_count_bytes(w, f, d, (uint64_t)r);
 			progress = 1;
 		} else if (r != -EAGAIN) {
 			flow_fail_io(w, f, !d, r);
@@ -644,13 +447,13 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 		if (!b) {
 			b = f->buf[d] = zpool_get(&w->pool, f->cls[d]);
 			if (!b) {
-				flow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_RESET, END_RESET);
+				zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_RESET, END_RESET);
 				return -1;
 			}
 		}
 		uint32_t space = zbuf_space(b);
 
-		r = ep_read(f, in, b);
+		r = zep_read(in, b);
 		if (r > 0) {
 			b->tail += (uint32_t)r;
 			progress = 1;
@@ -660,11 +463,11 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 			else if ((uint32_t)r < w->pool.size[ZBUF_SMALL] / 4)
 				f->cls[d] = ZBUF_SMALL;
 			if (out->wr_ready) {
-				int wr = ep_write(f, out, b);
+				int wr = zep_write(out, b);
 
 				if (wr > 0) {
 					b->head += (uint32_t)wr;
-					count_bytes(w, f, d, wr);
+					zflow_count_bytes(w, f, d, (uint64_t)wr);
 				} else if (wr != -EAGAIN) {
 					flow_fail_io(w, f, !d, wr);
 					return -1;
@@ -683,17 +486,8 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 		zpool_put(&w->pool, b);
 		f->buf[d] = NULL;
 	}
-	if (in->rd_eof && !f->buf[d] && !out->wr_shut) {
-		r = ep_shutdown_write(f, out);
-		if (r == 0) {
-			out->wr_shut = 1;
-			progress = 1;
-		} else if (r != -EAGAIN) {
-			flow_fail_io(w, f, !d, r);
-			return -1;
-		}
-	}
-	return progress;
+	r = shutdown_if_done(w, f, d, !f->buf[d]);
+	return r < 0 ? -1 : (progress | r);
 }
 
 /* The same, TCP to TCP through a pipe with splice(2): no copy in user space. */
@@ -710,7 +504,7 @@ static int relay_dir_splice(struct zworker *w, struct zflow *f, int d)
 			r = splice(p->r, NULL, out->fd, NULL, p->len, fl);
 			if (r > 0) {
 				p->len -= (uint32_t)r;
-				count_bytes(w, f, d, (int)r);
+				zflow_count_bytes(w, f, d, (uint64_t)r);
 				progress = 1;
 			} else if (r < 0 && errno == EAGAIN) {
 				out->wr_ready = 0;
@@ -724,7 +518,7 @@ static int relay_dir_splice(struct zworker *w, struct zflow *f, int d)
 		if (!p) {
 			p = f->pipe[d] = zpipe_get(w);
 			if (!p) {
-				flow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_RESET, END_RESET);
+				zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_RESET, END_RESET);
 				return -1;
 			}
 		}
@@ -750,7 +544,7 @@ static int relay_dir_splice(struct zworker *w, struct zflow *f, int d)
 		f->pipe[d] = NULL;
 	}
 	if (in->rd_eof && !f->pipe[d] && !out->wr_shut) {
-		int rs = ep_shutdown_write(f, out);
+		int rs = zep_shutdown_write(out);
 
 		if (rs == 0) {
 			out->wr_shut = 1;
@@ -763,21 +557,26 @@ static int relay_dir_splice(struct zworker *w, struct zflow *f, int d)
 	return progress;
 }
 
-static int flow_finished(const struct zflow *f)
+static int ep_done(const struct zep *ep)
 {
-	return f->ep[0].rd_eof && f->ep[1].rd_eof && f->ep[0].wr_shut && f->ep[1].wr_shut &&
-	       !f->buf[0] && !f->buf[1] && !f->pipe[0] && !f->pipe[1] && !f->ep[0].tx && !f->ep[1].tx;
+	return ep->rd_eof && ep->wr_shut && !ep->tx && !ep->rxq_head;
 }
 
-static void relay(struct zworker *w, struct zflow *f)
+static int flow_finished(const struct zflow *f)
+{
+	return ep_done(&f->ep[0]) && ep_done(&f->ep[1]) && !f->buf[0] && !f->buf[1] && !f->pipe[0] &&
+	       !f->pipe[1];
+}
+
+void zflow_relay(struct zworker *w, struct zflow *f)
 {
 	int moved = 0;
+	int use_splice = w->e->cfg.splice_pipe && f->ep[0].kind == EP_TCP && f->ep[1].kind == EP_TCP;
 
+	if (f->state != FS_RELAY)
+		return;
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		int progress = 0;
-
-		int use_splice = w->e->cfg.splice_pipe && f->ep[0].kind == EP_TCP &&
-				 f->ep[1].kind == EP_TCP;
 
 		for (int d = 0; d < 2; d++) {
 			int r = use_splice ? relay_dir_splice(w, f, d) : relay_dir(w, f, d);
@@ -787,7 +586,7 @@ static void relay(struct zworker *w, struct zflow *f)
 			progress |= r;
 		}
 		if (flow_finished(f)) {
-			flow_close(w, f, ZTUN_CLOSE_OK, END_GRACEFUL, END_GRACEFUL);
+			zflow_close(w, f, ZTUN_CLOSE_OK, END_GRACEFUL, END_GRACEFUL);
 			return;
 		}
 		if (!progress) {
@@ -818,25 +617,25 @@ void zflow_run_again(struct zworker *w)
 		struct zflow *f = zlist_entry(batch.next, struct zflow, alink);
 
 		zlist_del(&f->alink);
-		if (f->state == FS_RELAY)
-			relay(w, f);
+		zflow_relay(w, f);
 	}
 }
 
-static void start_relay(struct zworker *w, struct zflow *f)
+void zflow_start_relay(struct zworker *w, struct zflow *f)
 {
 	clear_pending(f);
-	flow_set_state(f, FS_RELAY);
-	emit_conn(w, f, ZTUN_EV_CONN_OPEN);
+	zflow_set_state(f, FS_RELAY);
+	if (f->request_id)
+		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE);
+	zflow_emit(w, f, ZTUN_EV_CONN_OPEN);
 	touch(w, f);
-	relay(w, f);
+	zflow_relay(w, f);
 }
 
 /* ---- TLS handshakes ----------------------------------------------------- */
 
 static int begin_tls(struct zworker *w, struct zflow *f, int side)
 {
-	struct zep *ep = &f->ep[side];
 	struct zlistener *l = f->l;
 
 	f->hs = calloc(1, sizeof(*f->hs));
@@ -850,94 +649,60 @@ static int begin_tls(struct zworker *w, struct zflow *f, int side)
 	pthread_mutex_lock(&l->tls_lock);
 	f->tls = ztun_tls_ctx_ref(l->tls);
 	pthread_mutex_unlock(&l->tls_lock);
-	if ((int64_t)(ztun_now_real() / 1000000000ull) >= f->tls->not_after) {
-		/* Never present an expired certificate: peers would refuse it anyway, and
-		 * this says why on our side. */
-		char msg[300];
-
-		snprintf(msg, sizeof(msg), "own certificate for %s has expired; no renewal arrived",
-			 f->tls->identity);
-		set_detail(f, msg);
-		zworker_emit_log(w, ZTUN_LOG_ERROR, "conn %llu: %s", (unsigned long long)f->id, msg);
-		return ZTUN_ETLS;
-	}
-	ep->ssl = ztls_new(f->tls, ep->fd, f->hs,
-			   l->mode == ZTUN_MODE_HBONE_OUT ? "h2" : NULL);
-	if (!ep->ssl)
-		return ZTUN_ETLS;
-	ep->kind = EP_TLS;
-	return tls_attach_bios(ep);
-}
-
-static void after_handshake(struct zworker *w, struct zflow *f, int side);
-
-static void drive_handshake(struct zworker *w, struct zflow *f, int side)
-{
-	struct zep *ep = &f->ep[side];
-	int r;
-
-	ERR_clear_error();
-	r = SSL_do_handshake(ep->ssl);
-	if (r == 1) {
-		after_handshake(w, f, side);
-		return;
-	}
-	int e = SSL_get_error(ep->ssl, r);
-
-	if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
-		int fl = tls_flush(f, ep);
-
-		if (e == SSL_ERROR_WANT_READ)
-			ep->rd_ready = 0;
-		if (fl < 0 && fl != -EAGAIN) {
-			f->sys_errno = -fl;
-			set_detail(f, "connection lost during the TLS handshake");
-			flow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
-		}
-		return;
-	}
-	switch (e) {
-	default: {
-		char buf[256];
-
-		ztls_describe_error(ep->ssl, r, f->hs, buf, sizeof(buf));
-		set_detail(f, buf);
-		zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake with %s failed: %s",
-				 (unsigned long long)f->id, side == 0 ? "client" : "server", buf);
-		/* The alert (if any) is already queued; close without an RST after it. */
-		flow_close(w, f, ZTUN_CLOSE_TLS_ERROR, side == 0 ? END_GRACEFUL : END_RESET, END_RESET);
-		return;
-	}
-	}
+	return zep_tls_begin(w, &f->ep[side], f->tls, f->hs, NULL);
 }
 
 static void after_handshake(struct zworker *w, struct zflow *f, int side)
 {
 	struct zep *ep = &f->ep[side];
-	char *id = ztls_peer_identity(ep->ssl, f->hs);
 
-	if (!id) {
-		set_detail(f, f->hs->reason);
-		zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: peer identity refused: %s",
-				 (unsigned long long)f->id, f->hs->reason);
-		flow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
-		return;
-	}
-	f->peer_id = id;
 	zstat_add(&w->stats.handshakes, 1);
 	if (SSL_session_reused(ep->ssl))
 		zstat_add(&w->stats.handshakes_resumed, 1);
-	ztls_detach(ep->ssl);
 	ztls_expect_put(f->hs->expect);
 	free(f->hs);
 	f->hs = NULL;
 
 	if (side == 0) {
-		flow_set_state(f, FS_CONNECTING);
-		start_connect(w, f);
+		if (!zflow_authorize(w, f)) {
+			/* Denied mTLS: a clean close (close_notify), nothing reaches upstream. */
+			zflow_close(w, f, ZTUN_CLOSE_POLICY_DENIED, END_GRACEFUL, END_RESET);
+			return;
+		}
+		zflow_set_state(f, FS_CONNECTING);
+		zflow_connect(w, f, &f->l->upstream);
 	} else {
-		start_relay(w, f);
+		zflow_start_relay(w, f);
 	}
+}
+
+static void drive_handshake(struct zworker *w, struct zflow *f, int side)
+{
+	char *id = NULL;
+	int r = zep_handshake(&f->ep[side], f->hs, &id);
+
+	if (r == 0)
+		return;
+	if (r < 0) {
+		zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake with %s failed: %s",
+				 (unsigned long long)f->id, side == 0 ? "client" : "server",
+				 f->detail ? f->detail : "?");
+		/* Any alert is already sent; no RST after it on the TLS side. */
+		zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, side == 0 ? END_GRACEFUL : END_RESET,
+			    side == 1 ? END_GRACEFUL : END_RESET);
+		return;
+	}
+	f->peer_id = id;
+	after_handshake(w, f, side);
+}
+
+/* ---- authorization -------------------------------------------------------- */
+
+int zflow_authorize(struct zworker *w, struct zflow *f)
+{
+	(void)w;
+	(void)f;
+	return 1; /* wired with the policy evaluator */
 }
 
 /* ---- connect ------------------------------------------------------------ */
@@ -954,37 +719,42 @@ static int close_reason_for_connect(int err)
 static void connect_failed(struct zworker *w, struct zflow *f, int err)
 {
 	f->sys_errno = err;
-	set_detail(f, strerror(err));
+	zflow_set_detail(f, strerror(err));
 	zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: connect to upstream failed: %s",
 			 (unsigned long long)f->id, strerror(err));
+	if (f->ep[0].kind == EP_STREAM) {
+		/* Inbound HBONE: answer 503 on the stream rather than resetting it. */
+		zh2_upstream_result(w, f, 0);
+		zflow_close(w, f, close_reason_for_connect(err), END_GRACEFUL, END_RESET);
+		return;
+	}
 	/* The client sees a reset: the closest thing to the refusal we got. */
-	flow_close(w, f, close_reason_for_connect(err), END_RESET, END_RESET);
+	zflow_close(w, f, close_reason_for_connect(err), END_RESET, END_RESET);
 }
 
 static void connected(struct zworker *w, struct zflow *f)
 {
 	if (f->l->mode == ZTUN_MODE_TLS_OUT) {
-		int rc = begin_tls(w, f, 1);
-
-		if (rc) {
-			set_detail(f, "cannot create TLS session");
-			flow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
+		if (begin_tls(w, f, 1)) {
+			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
 			return;
 		}
-		flow_set_state(f, FS_HANDSHAKE_OUT);
-		set_pending(w, f, w->e->cfg.handshake_timeout_ms);
+		zflow_set_state(f, FS_HANDSHAKE_OUT);
+		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
 		drive_handshake(w, f, 1);
 		return;
 	}
-	start_relay(w, f);
+	if (f->ep[0].kind == EP_STREAM)
+		zh2_upstream_result(w, f, 1); /* 200: the tunnel is open */
+	zflow_start_relay(w, f);
 }
 
-static void start_connect(struct zworker *w, struct zflow *f)
+void zflow_connect(struct zworker *w, struct zflow *f, const struct sockaddr_storage *dst)
 {
 	struct zep *up = &f->ep[1];
-	const struct sockaddr_storage *dst = &f->l->upstream;
-	socklen_t dlen = f->l->upstream_len;
 	int one = 1, fd;
+	socklen_t dlen = dst->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6)
+						    : sizeof(struct sockaddr_in);
 
 	f->dst = *dst;
 	fd = socket(dst->ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -995,7 +765,7 @@ static void start_connect(struct zworker *w, struct zflow *f)
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	up->fd = fd;
 	up->kind = EP_TCP;
-	if (ep_register(w, up) < 0) {
+	if (zep_register(w, up) < 0) {
 		connect_failed(w, f, errno);
 		return;
 	}
@@ -1008,21 +778,17 @@ static void start_connect(struct zworker *w, struct zflow *f)
 		connect_failed(w, f, errno);
 		return;
 	}
-	set_pending(w, f, w->e->cfg.connect_timeout_ms);
+	zflow_set_pending(w, f, w->e->cfg.connect_timeout_ms);
 }
 
 /* ---- accept ------------------------------------------------------------- */
 
-void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *src,
-		  socklen_t srclen)
+struct zflow *zflow_new(struct zworker *w, struct zlistener *l)
 {
 	struct zflow *f = calloc(1, sizeof(*f));
-	int one = 1;
 
-	if (!f) {
-		close(fd);
-		return;
-	}
+	if (!f)
+		return NULL;
 	f->w = w;
 	f->id = atomic_fetch_add_explicit(&w->e->next_conn_id, 1, memory_order_relaxed);
 	zlistener_get(l);
@@ -1032,40 +798,98 @@ void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct s
 	f->start_real = ztun_now_real();
 	f->start_mono = ztun_now_precise();
 	f->last_active = w->now;
-	memcpy(&f->src, src, srclen < sizeof(f->src) ? srclen : sizeof(f->src));
 	zlist_init(&f->plink);
 	zlist_init(&f->alink);
+	zlist_init(&f->wlink);
+	f->deliver_fd = -1;
 	for (int s = 0; s < 2; s++) {
 		f->ep[s].tag.kind = TAG_EP;
 		f->ep[s].side = (uint8_t)s;
 		f->ep[s].fd = -1;
+		f->ep[s].w = w;
+		f->ep[s].detail = &f->detail;
 	}
-	f->ep[0].fd = fd;
-	f->ep[0].kind = EP_TCP;
-	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	zlist_add_tail(&w->flows, &f->link);
 	w->nflows++;
 	zstat_add(&w->stats.opened, 1);
+	return f;
+}
 
-	if (ep_register(w, &f->ep[0]) < 0) {
+static void flow_begin(struct zworker *w, struct zflow *f);
+
+void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *src,
+		  socklen_t srclen)
+{
+	struct zflow *f;
+	int one = 1;
+
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	if (l->mode == ZTUN_MODE_HBONE_IN) {
+		zh2_accept(w, l, fd, src);
+		return;
+	}
+	f = zflow_new(w, l);
+	if (!f) {
+		close(fd);
+		return;
+	}
+	memcpy(&f->src, src, srclen < sizeof(f->src) ? srclen : sizeof(f->src));
+	f->ep[0].fd = fd;
+	flow_begin(w, f);
+}
+
+void zflow_adopt(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *target,
+		 uint64_t request_id)
+{
+	struct zflow *f = zflow_new(w, l);
+	socklen_t sl = sizeof(f->src);
+
+	if (!f) {
+		close(fd);
+		return;
+	}
+	f->request_id = request_id;
+	if (target && target->ss_family)
+		f->target = *target;
+	getpeername(fd, (struct sockaddr *)&f->src, &sl); /* AF_UNIX for a socketpair */
+	f->ep[0].fd = fd;
+	flow_begin(w, f);
+}
+
+static void flow_begin(struct zworker *w, struct zflow *f)
+{
+	struct zlistener *l = f->l;
+
+	f->ep[0].kind = EP_TCP;
+	if (zep_register(w, &f->ep[0]) < 0) {
 		f->sys_errno = errno;
-		flow_close(w, f, ZTUN_CLOSE_IO_ERROR, END_RESET, END_RESET);
+		zflow_close(w, f, ZTUN_CLOSE_IO_ERROR, END_RESET, END_RESET);
 		return;
 	}
 	switch (l->mode) {
 	case ZTUN_MODE_TLS_IN:
 		if (begin_tls(w, f, 0)) {
-			set_detail(f, "cannot create TLS session");
-			flow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
+			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
 			return;
 		}
-		flow_set_state(f, FS_HANDSHAKE_IN);
-		set_pending(w, f, w->e->cfg.handshake_timeout_ms);
+		zflow_set_state(f, FS_HANDSHAKE_IN);
+		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
 		/* The client's hello is usually not here yet; the first EPOLLIN drives it. */
 		return;
+	case ZTUN_MODE_HBONE_OUT:
+		zflow_set_state(f, FS_CONNECTING);
+		if (!f->target.ss_family)
+			f->target = l->target_len ? l->target : l->upstream;
+		zflow_set_pending(w, f, w->e->cfg.connect_timeout_ms);
+		zh2_open_outbound(w, f);
+		return;
 	default:
-		flow_set_state(f, FS_CONNECTING);
-		start_connect(w, f);
+		if ((l->flags & ZTUN_LISTENER_POLICY) && !zflow_authorize(w, f)) {
+			zflow_close(w, f, ZTUN_CLOSE_POLICY_DENIED, END_RESET, END_RESET);
+			return;
+		}
+		zflow_set_state(f, FS_CONNECTING);
+		zflow_connect(w, f, &l->upstream);
 		return;
 	}
 }
@@ -1101,8 +925,8 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 			drive_handshake(w, f, 0);
 		return;
 	case FS_CONNECTING:
-		if (side == 1 && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
-			int err = sock_error(ep->fd);
+		if (side == 1 && f->ep[1].kind == EP_TCP && (events & (EPOLLOUT | EPOLLERR | EPOLLHUP))) {
+			int err = zsock_error(ep->fd);
 
 			if (err) {
 				connect_failed(w, f, err);
@@ -1113,24 +937,24 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 		}
 		if (side == 0 && (events & EPOLLERR)) {
 			/* The client gave up (reset) before the upstream answered. */
-			f->sys_errno = sock_error(ep->fd);
-			flow_close(w, f, ZTUN_CLOSE_RESET_DOWN, END_RESET, END_RESET);
+			f->sys_errno = zsock_error(ep->fd);
+			zflow_close(w, f, ZTUN_CLOSE_RESET_DOWN, END_RESET, END_RESET);
 		}
 		return;
 	case FS_HANDSHAKE_OUT:
 		if (side == 1)
 			drive_handshake(w, f, 1);
 		else if (events & EPOLLERR)
-			flow_close(w, f, ZTUN_CLOSE_RESET_DOWN, END_RESET, END_RESET);
+			zflow_close(w, f, ZTUN_CLOSE_RESET_DOWN, END_RESET, END_RESET);
 		return;
 	case FS_RELAY:
 		if (events & EPOLLERR) {
-			int err = sock_error(ep->fd);
+			int err = zsock_error(ep->fd);
 
 			flow_fail_io(w, f, side, -(err ? err : ECONNRESET));
 			return;
 		}
-		relay(w, f);
+		zflow_relay(w, f);
 		return;
 	default:
 		return;
@@ -1153,8 +977,8 @@ void zflow_tick(struct zworker *w)
 		if (f->state == FS_CONNECTING) {
 			connect_failed(w, f, ETIMEDOUT);
 		} else {
-			set_detail(f, "TLS handshake timed out");
-			flow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
+			zflow_set_detail(f, "TLS handshake timed out");
+			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		}
 	}
 	if (!idle)
@@ -1170,7 +994,7 @@ void zflow_tick(struct zworker *w)
 			f->last_active = w->now;
 			continue;
 		}
-		flow_close(w, f, ZTUN_CLOSE_IDLE_TIMEOUT, END_RESET, END_RESET);
+		zflow_close(w, f, ZTUN_CLOSE_IDLE_TIMEOUT, END_RESET, END_RESET);
 	}
 }
 
@@ -1179,8 +1003,36 @@ void zflow_shutdown_all(struct zworker *w, int reason)
 	while (!zlist_empty(&w->flows)) {
 		struct zflow *f = zlist_entry(w->flows.next, struct zflow, link);
 
-		flow_close(w, f, reason, END_RESET, END_RESET);
+		zflow_close(w, f, reason, END_RESET, END_RESET);
 	}
+}
+
+void zflow_deliver(struct zworker *w, struct zflow *f)
+{
+	int sv[2];
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0) {
+		f->sys_errno = errno;
+		zflow_set_detail(f, "cannot create a socketpair for the caller");
+		zh2_upstream_result(w, f, 0);
+		zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_GRACEFUL, END_RESET);
+		return;
+	}
+	f->ep[1].fd = sv[0];
+	f->ep[1].kind = EP_TCP;
+	f->deliver_fd = sv[1];
+	if (zep_register(w, &f->ep[1]) < 0 || zflow_emit(w, f, ZTUN_EV_ACCEPT) < 0) {
+		/* The caller is not draining its events: refuse rather than pile up fds. */
+		zflow_set_detail(f, "accept queue full (the application is not accepting)");
+		zh2_upstream_result(w, f, 0);
+		zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_GRACEFUL, END_RESET);
+		return;
+	}
+	f->deliver_fd = -1; /* the caller owns it now */
+	f->ep[1].wr_ready = 1;
+	zflow_set_state(f, FS_CONNECTING);
+	zh2_upstream_result(w, f, 1);
+	zflow_start_relay(w, f);
 }
 
 void zflow_recheck_policy(struct zworker *w)

@@ -20,6 +20,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <sys/random.h>
+
+#include "conn.h"
 #include "engine_int.h"
 #include "tls_int.h"
 
@@ -94,6 +97,8 @@ void zlistener_put(struct zlistener *l)
 	ztun_tls_ctx_free(l->tls);
 	ztls_expect_put(l->expect);
 	ztls_slot_destroy(&l->slot);
+	free(l->baggage);
+	free(l->workload_ips);
 	pthread_mutex_destroy(&l->tls_lock);
 	free(l);
 }
@@ -305,6 +310,13 @@ static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 		w->policy = c->u.policy; /* the broadcaster took a reference for us */
 		zflow_recheck_policy(w);
 		break;
+	case CMD_ADOPT:
+		if (w->stopping)
+			close(c->u.adopt.fd);
+		else
+			zflow_adopt(w, c->u.adopt.l, c->u.adopt.fd, &c->u.adopt.target, c->u.adopt.request_id);
+		zlistener_put(c->u.adopt.l);
+		break;
 	case CMD_STOP:
 		if (!w->stopping) {
 			w->stopping = 1;
@@ -380,6 +392,7 @@ static void worker_tick(struct zworker *w)
 			worker_arm_listener(w, w->listeners[i]);
 	}
 	zflow_tick(w);
+	zh2_tick(w);
 	if (w->nflows == 0)
 		zpool_trim(&w->pool);
 }
@@ -392,7 +405,8 @@ static void *worker_main(void *arg)
 	w->now = ztun_now_mono();
 	w->next_tick = w->now + TICK_NS;
 	for (;;) {
-		int timeout = zlist_empty(&w->again) ? (int)(TICK_NS / 1000000) : 0;
+		int busy = !zlist_empty(&w->again) || !zlist_empty(&w->h2dirty);
+		int timeout = busy ? 0 : (int)(TICK_NS / 1000000);
 		int n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
 
 		w->now = ztun_now_mono();
@@ -407,24 +421,38 @@ static void *worker_main(void *arg)
 			case TAG_CMD:
 				worker_run_cmds(w);
 				break;
+			case TAG_H2:
+				zh2_on_event(w, tag, evs[i].events);
+				break;
 			default:
 				zflow_on_event(w, tag, evs[i].events);
 				break;
 			}
 		}
 		zflow_run_again(w);
+		zh2_flush_dirty(w);
 		zflow_reap(w);
+		zh2_reap(w);
 		if (w->now >= w->next_tick) {
 			w->next_tick = w->now + TICK_NS;
 			worker_tick(w);
+			zh2_flush_dirty(w);
 			zflow_reap(w);
+			zh2_reap(w);
 		}
 		if (w->stopping) {
-			if (w->nflows == 0)
+			if (w->stopping == 1) {
+				/* First pass after the stop command: GOAWAY on every HTTP/2 connection. */
+				w->stopping = 2;
+				zh2_shutdown_all(w, 1);
+			}
+			if (w->nflows == 0 && zh2_count(w) == 0)
 				break;
 			if (w->now >= w->drain_deadline) {
+				zh2_shutdown_all(w, 0);
 				zflow_shutdown_all(w, ZTUN_CLOSE_SHUTDOWN);
 				zflow_reap(w);
+				zh2_reap(w);
 				break;
 			}
 		}
@@ -451,6 +479,16 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->pending);
 	zlist_init(&w->again);
 	zlist_init(&w->zombies);
+	zlist_init(&w->h2s);
+	zlist_init(&w->h2dirty);
+	zlist_init(&w->h2zombies);
+	w->scratch = malloc(64 * 1024);
+	if (!w->scratch)
+		return ZTUN_ENOMEM;
+	if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || (!w->rng[0] && !w->rng[1])) {
+		w->rng[0] = ztun_now_precise() ^ (uint64_t)(uintptr_t)w;
+		w->rng[1] = 0x9e3779b97f4a7c15ull;
+	}
 	zpool_init(&w->pool, e->cfg.buf_small, e->cfg.buf_large);
 	rc = zring_init(&w->ring, e->cfg.event_ring_bytes);
 	if (rc)
@@ -476,6 +514,10 @@ static void worker_destroy(struct zworker *w)
 	while (c) {
 		struct zcmd *next = c->next;
 
+		if (c->type == CMD_ADOPT) {
+			close(c->u.adopt.fd);
+			zlistener_put(c->u.adopt.l);
+		}
 		sync_done(c->sync, ZTUN_ECLOSED);
 		free(c);
 		c = next;
@@ -486,6 +528,7 @@ static void worker_destroy(struct zworker *w)
 	zpolicy_put(w->policy);
 	zpool_destroy(&w->pool);
 	zpipe_pool_destroy(w);
+	free(w->scratch);
 	zring_destroy(&w->ring);
 	if (w->epfd >= 0)
 		close(w->epfd);
@@ -667,9 +710,16 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->upstream_len == 0 &&
 	    !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
 		return ZTUN_EINVAL;
-	if (spec->nexpect < 0 || (spec->nexpect > 0 && !spec->expect))
+	if ((spec->flags & ZTUN_LISTENER_VIRTUAL) && spec->mode == ZTUN_MODE_HBONE_IN)
 		return ZTUN_EINVAL;
-	if (spec->fd >= 0) {
+	if ((spec->flags & ZTUN_LISTENER_DELIVER) && spec->mode != ZTUN_MODE_HBONE_IN)
+		return ZTUN_EINVAL;
+	if (spec->nexpect < 0 || (spec->nexpect > 0 && !spec->expect) || spec->nworkload_ips < 0 ||
+	    (spec->nworkload_ips > 0 && !spec->workload_ips))
+		return ZTUN_EINVAL;
+	if (spec->flags & ZTUN_LISTENER_VIRTUAL) {
+		fd = -1;
+	} else if (spec->fd >= 0) {
 		fd = fcntl(spec->fd, F_DUPFD_CLOEXEC, 0);
 		if (fd < 0)
 			return -errno;
@@ -705,8 +755,24 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 			return ZTUN_ENOMEM;
 		}
 	}
+	if (spec->baggage && !(l->baggage = strdup(spec->baggage))) {
+		zlistener_put(l);
+		return ZTUN_ENOMEM;
+	}
+	if (spec->nworkload_ips > 0) {
+		l->workload_ips = malloc((size_t)spec->nworkload_ips * 16);
+		if (!l->workload_ips) {
+			zlistener_put(l);
+			return ZTUN_ENOMEM;
+		}
+		memcpy(l->workload_ips, spec->workload_ips, (size_t)spec->nworkload_ips * 16);
+		l->nworkload_ips = (uint32_t)spec->nworkload_ips;
+	}
 	l->local_len = sizeof(l->local);
-	getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	if (fd >= 0)
+		getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	else
+		l->local_len = 0;
 	l->id = atomic_fetch_add(&e->next_listener_id, 1);
 
 	pthread_mutex_lock(&e->lock);
@@ -731,7 +797,7 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	pthread_mutex_unlock(&e->lock);
 
 	add.u.listener = l;
-	rc = broadcast(e, &add, 1);
+	rc = (l->flags & ZTUN_LISTENER_VIRTUAL) ? 0 : broadcast(e, &add, 1);
 	if (rc) {
 		ztun_engine_remove_listener(e, l->id);
 		return rc;
@@ -770,10 +836,59 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
 	if (!l)
 		return ZTUN_ENOTFOUND;
 	del.u.listener = l;
-	broadcast(e, &del, 1);
-	/* Close the socket now (a listener with live connections keeps its config). */
-	shutdown(l->fd, SHUT_RDWR);
+	if (l->fd >= 0) {
+		broadcast(e, &del, 1);
+		/* Close the socket now (a listener with live connections keeps its config). */
+		shutdown(l->fd, SHUT_RDWR);
+	}
 	zlistener_put(l);
+	return 0;
+}
+
+int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
+		      uint64_t request_id)
+{
+	struct zlistener *l = NULL;
+	struct zcmd *c;
+	int rc = 0;
+
+	if (fd < 0)
+		return ZTUN_EINVAL;
+	pthread_mutex_lock(&e->lock);
+	if (e->state != 1) {
+		rc = ZTUN_ECLOSED;
+	} else {
+		for (int i = 0; i < e->nlisteners; i++) {
+			if (e->listeners[i]->id == listener_id) {
+				l = e->listeners[i];
+				zlistener_get(l);
+				break;
+			}
+		}
+		if (!l)
+			rc = ZTUN_ENOTFOUND;
+		else if (!(l->flags & ZTUN_LISTENER_VIRTUAL))
+			rc = ZTUN_EINVAL;
+	}
+	pthread_mutex_unlock(&e->lock);
+	if (rc) {
+		if (l)
+			zlistener_put(l);
+		return rc;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		zlistener_put(l);
+		return ZTUN_ENOMEM;
+	}
+	c->type = CMD_ADOPT;
+	c->u.adopt.l = l;
+	c->u.adopt.fd = fd;
+	c->u.adopt.request_id = request_id;
+	if (target)
+		c->u.adopt.target = *target;
+	/* Spread adopted connections over the workers. */
+	worker_enqueue(&e->workers[atomic_fetch_add(&e->rr, 1) % (uint32_t)e->nworkers], c);
 	return 0;
 }
 
@@ -854,9 +969,17 @@ int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out)
 		out->events_dropped += RD(e->workers[i].ring.dropped);
 		out->buffers_in_use += RD(e->workers[i].pool.in_use);
 		out->buffer_bytes += RD(e->workers[i].pool.bytes);
+		for (int k = 0; k < 5; k++)
+			out->hbone_status[k] += RD(s->hbone_status[k]);
+		out->hbone_protocol_errors += RD(s->hbone_protocol_errors);
+		out->h2_opened += RD(s->h2_opened);
+		out->h2_closed += RD(s->h2_closed);
+		for (int r = 0; r < ZTUN_CLOSE__COUNT; r++)
+			out->h2_close_reason[r] += RD(s->h2_reason[r]);
 #undef RD
 	}
 	out->conns_active = out->conns_opened - out->conns_closed;
+	out->h2_active = out->h2_opened - out->h2_closed;
 	for (int r = 0; r < ZTUN_CLOSE__COUNT; r++) {
 		if (r != ZTUN_CLOSE_OK && r != ZTUN_CLOSE_RESET_DOWN && r != ZTUN_CLOSE_RESET_UP)
 			out->conns_failed += out->close_reason[r];

@@ -42,6 +42,9 @@ struct zlistener {
 	ztun_tls_ctx *tls;
 	struct ztls_expect *expect;    /* client side: acceptable server identities */
 	struct ztls_session_slot slot; /* client side: the session to resume */
+	char *baggage;                 /* HBONE_OUT: baggage header value, or NULL */
+	uint8_t (*workload_ips)[16];   /* HBONE_IN: addresses of the workloads we serve */
+	uint32_t nworkload_ips;
 };
 
 /* A compiled policy table shared by the workers: the last reference frees it. */
@@ -64,6 +67,11 @@ struct zstats {
 	_Atomic uint64_t policy_allowed;
 	_Atomic uint64_t policy_denied;
 	_Atomic uint64_t policy_dry_run;
+	_Atomic uint64_t hbone_status[5]; /* responses sent or received: 200, 400, 401, 503, other */
+	_Atomic uint64_t hbone_protocol_errors;
+	_Atomic uint64_t h2_opened;
+	_Atomic uint64_t h2_closed;
+	_Atomic uint64_t h2_reason[ZTUN_CLOSE__COUNT];
 };
 
 static inline void zstat_add(_Atomic uint64_t *c, uint64_t v)
@@ -77,6 +85,7 @@ enum zcmd_type {
 	CMD_PAUSE_ACCEPT,
 	CMD_SET_POLICY,
 	CMD_STOP,
+	CMD_ADOPT,
 };
 
 /* A caller waiting for every worker to run a broadcast command. */
@@ -95,6 +104,12 @@ struct zcmd {
 		struct zlistener *listener;
 		struct zpolicy *policy;
 		uint32_t drain_ms;
+		struct {
+			struct zlistener *l; /* a reference for the worker */
+			int fd;
+			uint64_t request_id;
+			struct sockaddr_storage target;
+		} adopt;
 	} u;
 };
 
@@ -127,6 +142,11 @@ struct zworker {
 	struct zlist again;   /* flows with work left after their time slice */
 	struct zlist zombies; /* closed flows, freed after the epoll batch */
 	uint32_t nflows;
+	struct zlist h2s;       /* HTTP/2 connections (hbone.c) */
+	struct zlist h2dirty;   /* ... with output to produce */
+	struct zlist h2zombies; /* ... closed, freed after the batch */
+	char *scratch;          /* TLS read buffer for HTTP/2 input */
+	uint64_t rng[2];        /* trace ids */
 
 	struct zpolicy *policy; /* this worker's reference, NULL: no policy */
 
@@ -173,6 +193,8 @@ void zflow_tick(struct zworker *w);
 void zflow_reap(struct zworker *w);
 void zflow_shutdown_all(struct zworker *w, int reason);
 void zflow_recheck_policy(struct zworker *w);
+void zflow_adopt(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *target,
+		 uint64_t request_id);
 void zpipe_pool_destroy(struct zworker *w);
 
 #endif

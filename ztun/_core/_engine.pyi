@@ -10,6 +10,8 @@ MODE_HBONE_IN: int
 MODE_HBONE_OUT: int
 LISTENER_POLICY: int
 LISTENER_ORIGINAL_DST: int
+LISTENER_VIRTUAL: int
+LISTENER_DELIVER: int
 TLS_CHACHA20: int
 TLS_RESUMPTION: int
 TLS_ANY_TRUST_DOMAIN: int
@@ -69,9 +71,18 @@ class Engine:
         workload: int = -1,
         target: tuple[Any, ...] | None = None,
         backlog: int = 0,
+        baggage: str | None = None,
+        workload_ips: Iterable[str] = (),
     ) -> tuple[int, tuple[str, int]]: ...
     def remove_listener(self, listener_id: int) -> None: ...
     def set_listener_tls(self, listener_id: int, tls: TlsContext) -> None: ...
+    def adopt(
+        self,
+        listener_id: int,
+        fd: int,
+        target: tuple[Any, ...] | None = None,
+        request_id: int = 0,
+    ) -> None: ...
     def pause_accept(self) -> None: ...
     def stats(self) -> dict[str, Any]: ...
     def read_events(self) -> list[dict[str, Any]]: ...

@@ -51,6 +51,8 @@ MODE_HBONE_IN = cztun.ZTUN_MODE_HBONE_IN
 MODE_HBONE_OUT = cztun.ZTUN_MODE_HBONE_OUT
 LISTENER_POLICY = cztun.ZTUN_LISTENER_POLICY
 LISTENER_ORIGINAL_DST = cztun.ZTUN_LISTENER_ORIGINAL_DST
+LISTENER_VIRTUAL = cztun.ZTUN_LISTENER_VIRTUAL
+LISTENER_DELIVER = cztun.ZTUN_LISTENER_DELIVER
 TLS_CHACHA20 = cztun.ZTUN_TLS_CHACHA20
 TLS_RESUMPTION = cztun.ZTUN_TLS_RESUMPTION
 TLS_ANY_TRUST_DOMAIN = cztun.ZTUN_TLS_ANY_TRUST_DOMAIN
@@ -61,6 +63,13 @@ EV_CONNECT_DONE = cztun.ZTUN_EV_CONNECT_DONE
 EVMASK_OPEN = cztun.ZTUN_EVMASK_OPEN
 EVMASK_CLOSE = cztun.ZTUN_EVMASK_CLOSE
 EVMASK_LOG = cztun.ZTUN_EVMASK_LOG
+
+_EV_NAMES = {
+    cztun.ZTUN_EV_CONN_OPEN: "open",
+    cztun.ZTUN_EV_CONN_CLOSE: "close",
+    cztun.ZTUN_EV_CONNECT_DONE: "connect_done",
+    cztun.ZTUN_EV_ACCEPT: "accept",
+}
 
 CLOSE_REASONS = tuple(
     cztun.ztun_close_reason_name(i).decode() for i in range(cztun.ZTUN_CLOSE__COUNT)
@@ -210,6 +219,17 @@ cdef dict _stats_dict(const cztun.ztun_stats *s):
         "events_dropped": s.events_dropped,
         "buffers_in_use": s.buffers_in_use,
         "buffer_bytes": s.buffer_bytes,
+        "hbone_status": {
+            200: s.hbone_status[0], 400: s.hbone_status[1], 401: s.hbone_status[2],
+            503: s.hbone_status[3], "other": s.hbone_status[4],
+        },
+        "hbone_protocol_errors": s.hbone_protocol_errors,
+        "hbone_connections_opened": s.h2_opened,
+        "hbone_connections_closed": s.h2_closed,
+        "hbone_connections_active": s.h2_active,
+        "hbone_close_reasons": {
+            CLOSE_REASONS[i]: s.h2_close_reason[i] for i in range(cztun.ZTUN_CLOSE__COUNT)
+        },
     }
 
 
@@ -218,15 +238,19 @@ cdef object _parse_event(const char *p):
     cdef const cztun.ztun_event_conn *c
     cdef const cztun.ztun_event_log *lg
     cdef const char *tail
-    if h.type == cztun.ZTUN_EV_CONN_OPEN or h.type == cztun.ZTUN_EV_CONN_CLOSE:
+    if h.type in (cztun.ZTUN_EV_CONN_OPEN, cztun.ZTUN_EV_CONN_CLOSE, cztun.ZTUN_EV_CONNECT_DONE,
+                  cztun.ZTUN_EV_ACCEPT):
         c = <const cztun.ztun_event_conn *>p
         tail = p + sizeof(cztun.ztun_event_conn)
-        peer = tail[:c.peer_id_len].decode(errors="replace")
-        detail = tail[c.peer_id_len:c.peer_id_len + c.detail_len].decode(errors="replace")
-        local = tail[c.peer_id_len + c.detail_len:
-                     c.peer_id_len + c.detail_len + c.local_id_len].decode(errors="replace")
+        off = 0
+        strs = []
+        for n in (c.peer_id_len, c.detail_len, c.local_id_len, c.trace_len, c.baggage_len):
+            strs.append(tail[off:off + n].decode(errors="replace") if n else "")
+            off += n
+        peer, detail, local, trace, baggage = strs
         return {
-            "type": "open" if h.type == cztun.ZTUN_EV_CONN_OPEN else "close",
+            "type": _EV_NAMES[h.type],
+            "fd": c.fd,
             "worker": h.worker,
             "conn_id": c.conn_id,
             "listener_id": c.listener_id,
@@ -242,6 +266,10 @@ cdef object _parse_event(const char *p):
             "bytes_up_down": c.bytes_up_down,
             "src": _from_sockaddr(&c.src),
             "dst": _from_sockaddr(&c.dst),
+            "target": _from_sockaddr(&c.target),
+            "request_id": c.request_id,
+            "trace": trace or None,
+            "baggage": baggage or None,
             "peer_id": peer or None,
             "local_id": local or None,
             "detail": detail or None,
@@ -335,7 +363,8 @@ cdef class Engine:
 
     def add_listener(self, int mode, object bind=None, object upstream=None, *,
                      TlsContext tls=None, int fd=-1, object expect=(), uint32_t flags=0,
-                     int32_t workload=-1, object target=None, int backlog=0):
+                     int32_t workload=-1, object target=None, int backlog=0,
+                     object baggage=None, object workload_ips=()):
         """Open a listener; returns (listener id, bound (host, port))."""
         cdef cztun.ztun_listener_spec spec
         cdef uint32_t lid = 0
@@ -343,6 +372,10 @@ cdef class Engine:
         cdef socklen_t bound_len = sizeof(sockaddr_storage)
         cdef int rc, i, n
         cdef const char **ids = NULL
+        cdef bytes bag
+        cdef bytes ips16 = b"".join(
+            ipaddress.IPv6Address(f"::ffff:{ip}").packed if ipaddress.ip_address(ip).version == 4
+            else ipaddress.ip_address(ip).packed for ip in workload_ips)
         self._alive()
         memset(&spec, 0, sizeof(spec))
         spec.mode = mode
@@ -350,7 +383,7 @@ cdef class Engine:
         spec.backlog = backlog
         spec.workload = workload
         spec.flags = flags
-        if fd < 0:
+        if fd < 0 and not (flags & cztun.ZTUN_LISTENER_VIRTUAL):
             if bind is None:
                 raise ValueError("listen: an address or a listening socket is required")
             spec.bind_len = _to_sockaddr(bind, &spec.bind, "listen")
@@ -370,6 +403,12 @@ cdef class Engine:
                 ids[i] = encoded[i]
         spec.expect = ids
         spec.nexpect = n
+        if baggage is not None:
+            bag = baggage.encode()
+            spec.baggage = bag
+        if ips16:
+            spec.workload_ips = <const unsigned char (*)[16]><const char *>ips16
+            spec.nworkload_ips = len(ips16) // 16
         try:
             with nogil:
                 rc = cztun.ztun_engine_add_listener(self._e, &spec, &lid, &bound, &bound_len)
@@ -397,6 +436,21 @@ cdef class Engine:
             rc = cztun.ztun_engine_set_listener_tls(self._e, listener_id, tls._ctx)
         _check(rc, f"listener {listener_id}")
         self._tls_keep[listener_id] = tls
+
+    def adopt(self, uint32_t listener_id, int fd, object target=None,
+              uint64_t request_id=0) -> None:
+        """Hand a connected stream socket (the engine owns fd afterwards) to a virtual
+        listener; a "connect_done" event with request_id reports the outcome."""
+        cdef sockaddr_storage ss
+        cdef sockaddr_storage *ptarget = NULL
+        cdef int rc
+        self._alive()
+        if target is not None:
+            _to_sockaddr(target, &ss, "target")
+            ptarget = &ss
+        with nogil:
+            rc = cztun.ztun_engine_adopt(self._e, listener_id, fd, ptarget, request_id)
+        _check(rc, f"listener {listener_id}")
 
     def pause_accept(self) -> None:
         cdef int rc

@@ -60,6 +60,9 @@ cdef extern from "ztun/engine.h" nogil:
         ZTUN_MODE_HBONE_OUT
         ZTUN_LISTENER_POLICY
         ZTUN_LISTENER_ORIGINAL_DST
+        ZTUN_LISTENER_VIRTUAL
+        ZTUN_LISTENER_DELIVER
+        ZTUN_EV_ACCEPT
         ZTUN_CLOSE__COUNT
         ZTUN_EV_PAD
         ZTUN_EV_CONN_OPEN
@@ -86,6 +89,9 @@ cdef extern from "ztun/engine.h" nogil:
         socklen_t target_len
         const char *const *expect
         int nexpect
+        const char *baggage
+        const unsigned char (*workload_ips)[16]
+        int nworkload_ips
 
     struct ztun_stats:
         uint64_t bytes_down_up
@@ -103,6 +109,12 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t events_dropped
         uint64_t buffers_in_use
         uint64_t buffer_bytes
+        uint64_t hbone_status[5]
+        uint64_t hbone_protocol_errors
+        uint64_t h2_opened
+        uint64_t h2_closed
+        uint64_t h2_active
+        uint64_t h2_close_reason[32]
 
     struct ztun_event_hdr:
         uint32_t len
@@ -125,9 +137,14 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t bytes_up_down
         sockaddr_storage src
         sockaddr_storage dst
+        sockaddr_storage target
+        uint64_t request_id
         uint16_t peer_id_len
         uint16_t detail_len
         uint16_t local_id_len
+        uint16_t trace_len
+        uint16_t baggage_len
+        int32_t fd
 
     struct ztun_event_log:
         ztun_event_hdr h
@@ -144,6 +161,8 @@ cdef extern from "ztun/engine.h" nogil:
     int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
     int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx)
     int ztun_engine_pause_accept(ztun_engine *e)
+    int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd,
+                          const sockaddr_storage *target, uint64_t request_id)
     int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)

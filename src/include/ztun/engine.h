@@ -63,6 +63,12 @@ struct ztun_listener_spec {
 	 * none: any identity of a trusted trust domain. */
 	const char *const *expect;
 	int nexpect;
+	/* HBONE_OUT: the baggage header sent with each CONNECT (NULL: none). */
+	const char *baggage;
+	/* HBONE_IN: the workload addresses this node serves (16-byte IPv6, IPv4 mapped);
+	 * a CONNECT to any other address is answered 400. */
+	const uint8_t (*workload_ips)[16];
+	int nworkload_ips;
 };
 
 enum {
@@ -70,6 +76,11 @@ enum {
 	ZTUN_LISTENER_POLICY = 1u << 0,
 	/* Take the original destination from SO_ORIGINAL_DST (transparent capture). */
 	ZTUN_LISTENER_ORIGINAL_DST = 1u << 1,
+	/* No socket: connections are handed in with ztun_engine_adopt(). */
+	ZTUN_LISTENER_VIRTUAL = 1u << 2,
+	/* HBONE_IN: instead of dialing the authority, hand each accepted stream to the
+	 * caller as one end of a socketpair (a ZTUN_EV_ACCEPT event carries the fd). */
+	ZTUN_LISTENER_DELIVER = 1u << 3,
 };
 
 int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out);
@@ -89,6 +100,13 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id);
 int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx);
 /* Stop accepting on every listener but keep live connections (drain begins). */
 int ztun_engine_pause_accept(ztun_engine *e);
+/* Carry an already-connected stream socket (e.g. a socketpair end) through a
+ * VIRTUAL listener as if it had been accepted there. The engine owns fd from now
+ * on. target (may be NULL) overrides the listener's target (HBONE authority).
+ * When the tunnel is up or has failed, a ZTUN_EV_CONNECT_DONE event carries
+ * request_id with the outcome. */
+int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
+		      uint64_t request_id);
 
 /* Policy: the engine takes ownership of the table (NULL removes policy). Live
  * connections are re-checked against the new table and newly denied ones closed. */
@@ -132,6 +150,12 @@ struct ztun_stats {
 	uint64_t events_dropped;  /* events lost because the ring was full */
 	uint64_t buffers_in_use;  /* pool buffers held by connections */
 	uint64_t buffer_bytes;    /* bytes of all pool buffers, held or cached */
+	uint64_t hbone_status[5]; /* CONNECT responses sent/received: 200, 400, 401, 503, other */
+	uint64_t hbone_protocol_errors;
+	uint64_t h2_opened;       /* HTTP/2 (HBONE) connections */
+	uint64_t h2_closed;
+	uint64_t h2_active;
+	uint64_t h2_close_reason[ZTUN_CLOSE__COUNT];
 };
 int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out);
 
@@ -142,6 +166,7 @@ enum ztun_event_type {
 	ZTUN_EV_CONN_CLOSE = 2,  /* a connection finished (the access-log record) */
 	ZTUN_EV_LOG = 3,         /* a log line from the engine */
 	ZTUN_EV_CONNECT_DONE = 4, /* an adopted connection's result (request id, status) */
+	ZTUN_EV_ACCEPT = 5,       /* DELIVER listeners: a tunnelled connection for the caller (fd) */
 };
 enum {
 	ZTUN_EVMASK_OPEN = 1u << 0,
@@ -173,11 +198,16 @@ struct ztun_event_conn {
 	uint64_t bytes_up_down;
 	struct sockaddr_storage src; /* downstream peer */
 	struct sockaddr_storage dst; /* upstream (or original destination) */
+	struct sockaddr_storage target; /* HBONE: the CONNECT authority (workload ip:port) */
+	uint64_t request_id;         /* adopted connections: the caller's request id */
 	uint16_t peer_id_len;        /* peer SPIFFE ID (verified), may be 0 */
 	uint16_t detail_len;         /* human-readable detail (e.g. the TLS verify error) */
 	uint16_t local_id_len;       /* our own SPIFFE ID on this connection */
+	uint16_t trace_len;          /* HBONE: traceparent */
+	uint16_t baggage_len;        /* HBONE: baggage received */
 	uint16_t _pad;
-	/* followed by peer_id, detail and local_id bytes (not NUL-terminated) */
+	int32_t fd;                  /* ACCEPT: the caller's end of the socketpair */
+	/* followed by peer_id, detail, local_id, trace and baggage bytes (no NULs) */
 };
 struct ztun_event_log {
 	struct ztun_event_hdr h;
