@@ -42,7 +42,7 @@ from mtlskit import (
 )
 
 from ztun import Forward, Listener, Tunnel
-from ztun.testing import BadKind
+from ztun.testing import BadKind, SpiffeCA
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -382,3 +382,43 @@ def test_handshake_timeout_has_an_engine_log_line(env: Env) -> None:
     events.wait_closes(1, lst.id)
     engine = env.logs.lines("ztun.engine", logging.WARNING)
     assert any("timed out" in line for line in engine), engine
+
+
+# ---- trust domains and refusals seen from the other side -----------------------------------------
+
+
+def test_client_of_a_federated_trust_domain_refused(env: Env) -> None:
+    """Even when the server knows the client's trust domain (its roots are in the bundle),
+    ``listen`` accepts only clients of its own trust domain."""
+    other = SpiffeCA("other.test")
+    t, events = env.tunnel(env.server_svid, env.ca.bundle.merge(other.bundle))
+    lst = t.listen(("127.0.0.1", 0), env.echo.address)
+    stranger = other.issue_svid("spiffe://other.test/ns/default/sa/client")
+    ctx = client_context(env.ca.cert_pem, stranger)
+    got = outcome(lambda: _tls_client(lst.address, ctx))
+    detail = assert_refused(t, events, env.logs, lst.id, kind="other_trust_domain", side="client")
+    assert detail == (
+        "client spiffe://other.test/ns/default/sa/client is not in trust domain example.org"
+    )
+    assert isinstance(got, ssl.SSLError), got
+    assert env.echo.accepted == 0
+
+
+def test_forward_to_a_server_that_refuses_us(env: Env) -> None:
+    """The server does not trust our CA. TLS 1.3 lets the client finish its handshake
+    before the server judges the client certificate, so the forward reports the connection
+    open, then closes it with the server's alert as the reason; the application gets an RST."""
+    stranger = SpiffeCA("example.org")
+    ts, es = env.tunnel(env.server_svid, stranger.bundle)
+    lst = ts.listen(("127.0.0.1", 0), env.echo.address)
+    tc, ec = env.tunnel(env.client_svid, env.ca.bundle)
+    fwd = tc.forward(("127.0.0.1", 0), lst.address, expect=[SERVER_ID])
+    got = _app_through(fwd.address)
+    (server_side,) = es.wait_closes(1, lst.id)
+    (client_side,) = ec.wait_closes(1, fwd.id)
+    assert server_side.reason == "tls_error"
+    assert server_side.detail == "certificate signed by an unknown CA"
+    assert client_side.reason == "tls_error", (client_side.reason, client_side.detail)
+    assert client_side.detail and "alert unknown ca" in client_side.detail
+    assert isinstance(got, ConnectionResetError), got
+    assert env.echo.accepted == 0

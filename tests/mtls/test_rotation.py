@@ -330,3 +330,45 @@ def test_rotation_flushes_resumable_sessions(env: Env) -> None:
         events.wait_closes(3, fwd.id)
         wait_until(lambda: len(peer.serials) == 3, IO_TIMEOUT, "three connections")
     assert peer.serials[2] == new.serial, "a new connection after rotation shows the old cert"
+
+
+def test_rotation_under_handshake_load(env: Env) -> None:
+    """Both ends swap certificates every few milliseconds while 16 clients open connections
+    through the pair: every connection succeeds and carries its data intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ts, _es, _lst, tc, _ec, fwd = env.pair(workers=2)
+    stop = threading.Event()
+    swaps = 0
+
+    def rotate() -> None:
+        nonlocal swaps
+        while not stop.is_set() and swaps < 2000:
+            ts.set_identity(env.ca.issue_svid(SERVER_ID), env.ca.bundle)
+            tc.set_identity(env.ca.issue_svid(CLIENT_ID), env.ca.bundle)
+            swaps += 1
+            stop.wait(0.003)
+
+    def one(i: int) -> bool:
+        data = random.Random(i).randbytes(i * 97 % 50_000)
+        with connect(fwd.address) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            return recv_exact(s, len(data)) == data and s.recv(1) == b""
+
+    rotator = threading.Thread(target=rotate, daemon=True)
+    rotator.start()
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: outcome(lambda: one(i)), range(600)))
+    finally:
+        stop.set()
+        rotator.join(IO_TIMEOUT)
+    assert results == [True] * len(results), [r for r in results if r is not True][:5]
+    assert swaps >= 20, "the certificates hardly changed during the run"
+    for t in (ts, tc):
+        st = wait_until(
+            lambda t=t: (st := t.stats()).connections_active == 0 and st, IO_TIMEOUT, "closes"
+        )
+        assert st.failures == {}, st.failures
+        assert st.close_reasons["ok"] == 600
