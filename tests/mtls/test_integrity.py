@@ -223,16 +223,17 @@ class RstServer(ThreadServer):
         self.endings: list[str] = []
 
         def handler(conn: socket.socket) -> None:
-            cmd = recv_exact(conn, 1)
-            if cmd == b"r":
-                conn.sendall(b"x" * 100_000)
-                rst_close(conn)
-                return
             try:
+                cmd = recv_exact(conn, 1)
+                if cmd == b"r":
+                    conn.sendall(b"x" * 100_000)
+                    rst_close(conn)
+                    return
                 while conn.recv(256 * 1024):
                     pass
                 self.endings.append("eof")
             except ConnectionResetError:
+                # Also before the first byte: an RST can overtake data not read yet.
                 self.endings.append("reset")
 
         super().__init__(handler)

@@ -58,7 +58,8 @@ ENGINE_DETAIL: dict[str, str] = {
     "not_yet_valid": "certificate not yet valid",
     "unknown_ca": "certificate signed by an unknown CA",
     "other_trust_domain": "certificate for spiffe://other.test/ns/default/sa/<sa> does not chain "
-    "to a root of trust domain other.test",
+    "to a root of trust domain other.test (no roots for it); with its roots in the bundle, at "
+    "listen: client spiffe://other.test/... is not in trust domain example.org",
     "no_uri_san": "certificate has no URI SAN",
     "multiple_uri_sans": "certificate has more than one URI SAN",
     "non_spiffe_uri": "URI SAN is not a SPIFFE ID",
@@ -422,3 +423,30 @@ def test_forward_to_a_server_that_refuses_us(env: Env) -> None:
     assert client_side.detail and "alert unknown ca" in client_side.detail
     assert isinstance(got, ConnectionResetError), got
     assert env.echo.accepted == 0
+
+
+def test_stalled_handshakes_time_out_without_blocking_others(env: Env) -> None:
+    """100 clients that send half a ClientHello and stall: the others are served meanwhile,
+    and every stalled one is closed by the handshake timeout."""
+    ts, es = env.tunnel(env.server_svid, env.ca.bundle, workers=2, handshake_timeout=0.5)
+    lst = ts.listen(("127.0.0.1", 0), env.echo.address)
+    tc, _ec = env.tunnel(env.client_svid, env.ca.bundle)
+    fwd = tc.forward(("127.0.0.1", 0), lst.address, expect=[SERVER_ID])
+    stalled = [connect(lst.address) for _ in range(100)]
+    try:
+        for s in stalled:
+            s.sendall(client_hello(50))
+        for i in range(10):
+            with connect(fwd.address) as app:
+                app.sendall(b"%d" % i)
+                assert app.recv(10) == b"%d" % i
+        closes = es.wait_closes(110, lst.id, timeout=IO_TIMEOUT)
+        ends = [outcome(lambda s=s: s.recv(1)) for s in stalled]
+    finally:
+        for s in stalled:
+            s.close()
+    reasons = [e.reason for e in closes]
+    assert reasons.count("handshake_timeout") == 100
+    assert reasons.count("ok") == 10
+    assert all(isinstance(e, ConnectionResetError) for e in ends), ends[:3]
+    assert ts.stats().connections_active == 0
