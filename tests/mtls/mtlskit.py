@@ -1,7 +1,7 @@
 """Small helpers for the mTLS tests: event and log capture, loopback servers, TLS peers.
 
-Everything here is deliberately tiny and thread-based; every wait is bounded. The shared
-harness (tests/harness) replaces the integrity parts once it is on main.
+Everything here is deliberately tiny and thread-based; every wait is bounded. The
+two-node test uses the shared harness (tests/harness); the loopback tests use these.
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ import contextlib
 import hashlib
 import logging
 import random
-import re
 import socket
 import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ztun import Forward, Listener, Svid, Tunnel
@@ -357,9 +356,6 @@ def client_hello(n: int | None = None) -> bytes:
     return hello if n is None else hello[:n]
 
 
-ALERT_RE = re.compile(r"alert|certificate|handshake", re.I)
-
-
 # ---- a known engine bug (see test_integrity.py) -------------------------------------------------
 
 STRANDED = (
@@ -389,23 +385,3 @@ def payload(seed: int, size: int) -> bytes:
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class Transfer:
-    """What one side of a connection sent and received."""
-
-    sent: str = ""
-    received: str = ""
-    received_len: int = 0
-    error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def chunks(rng: random.Random, data: bytes, chunk_max: int = 256 * 1024) -> Iterator[bytes]:
-    """``data`` cut into random pieces (log-uniform sizes, 1 byte .. chunk_max)."""
-    i = 0
-    while i < len(data):
-        n = max(1, int(2 ** rng.uniform(0, chunk_max.bit_length() - 1)))
-        yield data[i : i + n]
-        i += n

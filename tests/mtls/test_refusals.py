@@ -53,6 +53,7 @@ GARBAGE = "garbage"
 HTTP = "http"
 
 # The engine's detail today, per reason (listen side / forward side when they differ).
+# Documentation only: the tests assert ESSENTIAL, so rewording a message breaks nothing.
 ENGINE_DETAIL: dict[str, str] = {
     "expired": "certificate expired",
     "not_yet_valid": "certificate not yet valid",
@@ -87,7 +88,7 @@ ESSENTIAL: dict[str, str] = {
     "bad_key_usage": r"key usage",
     NO_CLIENT_CERT: r"(did not return|no|without) a? ?(client )?certificate",
     TLS12_ONLY: r"protocol",
-    GARBAGE: r"wrong version number|unknown protocol|packet length too long|record",
+    GARBAGE: r"wrong version number|unknown protocol|packet length too long",
     HTTP: r"http request|wrong version number",
 }
 
@@ -428,7 +429,7 @@ def test_forward_to_a_server_that_refuses_us(env: Env) -> None:
 def test_stalled_handshakes_time_out_without_blocking_others(env: Env) -> None:
     """100 clients that send half a ClientHello and stall: the others are served meanwhile,
     and every stalled one is closed by the handshake timeout."""
-    ts, es = env.tunnel(env.server_svid, env.ca.bundle, workers=2, handshake_timeout=0.5)
+    ts, es = env.tunnel(env.server_svid, env.ca.bundle, workers=2, handshake_timeout=1.0)
     lst = ts.listen(("127.0.0.1", 0), env.echo.address)
     tc, _ec = env.tunnel(env.client_svid, env.ca.bundle)
     fwd = tc.forward(("127.0.0.1", 0), lst.address, expect=[SERVER_ID])
