@@ -409,21 +409,52 @@ def test_client_of_a_federated_trust_domain_refused(env: Env) -> None:
 def test_forward_to_a_server_that_refuses_us(env: Env) -> None:
     """The server does not trust our CA. TLS 1.3 lets the client finish its handshake
     before the server judges the client certificate, so the forward reports the connection
-    open, then closes it with the server's alert as the reason; the application gets an RST."""
+    open, then closes it with the server's alert as the reason; the application gets an RST.
+    (The application stays silent here: see the next test for when it does not.)"""
     stranger = SpiffeCA("example.org")
     ts, es = env.tunnel(env.server_svid, stranger.bundle)
     lst = ts.listen(("127.0.0.1", 0), env.echo.address)
     tc, ec = env.tunnel(env.client_svid, env.ca.bundle)
     fwd = tc.forward(("127.0.0.1", 0), lst.address, expect=[SERVER_ID])
-    got = _app_through(fwd.address)
+    with connect(fwd.address) as app:
+        got = outcome(lambda: app.recv(10))
     (server_side,) = es.wait_closes(1, lst.id)
     (client_side,) = ec.wait_closes(1, fwd.id)
     assert server_side.reason == "tls_error"
     assert server_side.detail == "certificate signed by an unknown CA"
     assert client_side.reason == "tls_error", (client_side.reason, client_side.detail)
     assert client_side.detail and "alert unknown ca" in client_side.detail
+    assert client_side.peer_id == SERVER_ID, "our side authenticated the server"
     assert isinstance(got, ConnectionResetError), got
     assert env.echo.accepted == 0
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="engine issue (race, ~2 % under load): a listener that refuses a client closes "
+    "the socket with the client's first data unread, so the kernel sends an RST that can "
+    "overtake the alert; the forward then reports reset_by_upstream with no detail",
+)
+def test_refusal_alert_survives_a_client_that_sends_at_once(env: Env) -> None:
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    stranger = SpiffeCA("example.org")
+    ts, _es = env.tunnel(env.server_svid, stranger.bundle)
+    lst = ts.listen(("127.0.0.1", 0), env.echo.address)
+    tc, ec = env.tunnel(env.client_svid, env.ca.bundle)
+    fwd = tc.forward(("127.0.0.1", 0), lst.address, expect=[SERVER_ID])
+
+    def one(_: int) -> None:
+        with connect(fwd.address) as app:
+            outcome(lambda: app.sendall(b"hello" * 100))  # right behind the handshake
+            outcome(lambda: app.recv(10))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(600)))
+    closes = ec.wait_closes(600, fwd.id, timeout=IO_TIMEOUT)
+    seen = Counter((e.reason, e.detail) for e in closes)
+    assert seen == {("tls_error", "tlsv1 alert unknown ca"): 600}, seen
 
 
 def test_stalled_handshakes_time_out_without_blocking_others(env: Env) -> None:
