@@ -150,6 +150,11 @@ void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, i
 	if (f->state == FS_CLOSED)
 		return;
 	f->reason = (uint8_t)reason;
+	if (f->socks == SOCKS_WAITING) {
+		/* Tell the SOCKS5 client why, then a FIN so it reads the reply. */
+		zsocks_reply(w, f, 0, reason);
+		down_how = END_GRACEFUL;
+	}
 	zflow_set_state(f, FS_CLOSED);
 	clear_pending(f);
 	if (zlist_linked(&f->alink))
@@ -203,6 +208,7 @@ static void flow_free(struct zflow *f)
 	free(f->trace);
 	free(f->baggage);
 	free(f->req);
+	ztls_expect_put(f->expect);
 	zlistener_put(f->l);
 	free(f);
 }
@@ -625,6 +631,7 @@ void zflow_start_relay(struct zworker *w, struct zflow *f)
 {
 	clear_pending(f);
 	zflow_set_state(f, FS_RELAY);
+	zsocks_reply(w, f, 1, ZTUN_CLOSE_OK);
 	if (f->request_id)
 		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE);
 	zflow_emit(w, f, ZTUN_EV_CONN_OPEN);
@@ -876,7 +883,25 @@ static void flow_begin(struct zworker *w, struct zflow *f)
 		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
 		/* The client's hello is usually not here yet; the first EPOLLIN drives it. */
 		return;
+	case ZTUN_MODE_SOCKS5:
+		zflow_set_state(f, FS_PREAMBLE);
+		f->socks = SOCKS_GREETING;
+		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
+		return;
 	case ZTUN_MODE_HBONE_OUT:
+		if (l->flags & ZTUN_LISTENER_ORIGINAL_DST) {
+			struct sockaddr_storage dst;
+			int rc = zflow_original_dst(f->ep[0].fd, &dst);
+
+			if (rc < 0) {
+				f->sys_errno = -rc;
+				zflow_set_detail(f, "no original destination (SO_ORIGINAL_DST)");
+				zflow_close(w, f, ZTUN_CLOSE_CONNECT_ERROR, END_RESET, END_RESET);
+				return;
+			}
+			zflow_route(w, f, &dst);
+			return;
+		}
 		zflow_set_state(f, FS_CONNECTING);
 		if (!f->target.ss_family)
 			f->target = l->target_len ? l->target : l->upstream;
@@ -904,6 +929,8 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 
 	if (f->state == FS_CLOSED)
 		return; /* closed earlier in this batch */
+	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		ep->rdhup = 1;
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
 		ep->rd_ready = 1;
 		if (ep->wr_wants_rd) {
@@ -920,6 +947,10 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 	}
 
 	switch (f->state) {
+	case FS_PREAMBLE:
+		if (side == 0)
+			zsocks_on_readable(w, f);
+		return;
 	case FS_HANDSHAKE_IN:
 		if (side == 0)
 			drive_handshake(w, f, 0);
@@ -976,8 +1007,15 @@ void zflow_tick(struct zworker *w)
 			continue;
 		if (f->state == FS_CONNECTING) {
 			connect_failed(w, f, ETIMEDOUT);
+		} else if (f->state == FS_PREAMBLE) {
+			zflow_set_detail(f, "SOCKS5 negotiation timed out");
+			zworker_emit_log(w, ZTUN_LOG_INFO, "conn %llu: SOCKS5 negotiation timed out",
+					 (unsigned long long)f->id);
+			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		} else {
 			zflow_set_detail(f, "TLS handshake timed out");
+			zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake timed out",
+					 (unsigned long long)f->id);
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		}
 	}

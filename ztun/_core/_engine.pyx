@@ -49,6 +49,7 @@ MODE_TLS_OUT = cztun.ZTUN_MODE_TLS_OUT
 MODE_TLS_IN = cztun.ZTUN_MODE_TLS_IN
 MODE_HBONE_IN = cztun.ZTUN_MODE_HBONE_IN
 MODE_HBONE_OUT = cztun.ZTUN_MODE_HBONE_OUT
+MODE_SOCKS5 = cztun.ZTUN_MODE_SOCKS5
 LISTENER_POLICY = cztun.ZTUN_LISTENER_POLICY
 LISTENER_ORIGINAL_DST = cztun.ZTUN_LISTENER_ORIGINAL_DST
 LISTENER_VIRTUAL = cztun.ZTUN_LISTENER_VIRTUAL
@@ -292,14 +293,17 @@ cdef class Engine:
     cdef cztun.ztun_engine *_e
     cdef object _tls_keep   # listener id -> TlsContext, so contexts outlive their use
     cdef bytearray _evbuf
+    cdef bint _closed
 
     def __cinit__(self):
         self._e = NULL
+        self._closed = False
 
     def __init__(self, int workers=0, uint32_t connect_timeout_ms=0,
                  uint32_t handshake_timeout_ms=0, uint32_t idle_timeout_ms=0,
                  uint32_t event_ring_bytes=0, uint32_t buf_small=0, uint32_t buf_large=0,
-                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0):
+                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0,
+                 uint32_t spin_us=0):
         cdef cztun.ztun_engine_config cfg
         cdef int rc
         if workers < 0 or workers > 256:
@@ -314,6 +318,7 @@ cdef class Engine:
         cfg.buf_large = buf_large
         cfg.events = events
         cfg.splice_pipe = splice_pipe
+        cfg.spin_us = spin_us
         with nogil:
             rc = cztun.ztun_engine_new(&cfg, &self._e)
         _check(rc, "engine")
@@ -327,7 +332,7 @@ cdef class Engine:
             self._e = NULL
 
     cdef int _alive(self) except -1:
-        if self._e == NULL:
+        if self._e == NULL or self._closed:
             raise EngineError(-10008, "engine is closed")
         return 0
 
@@ -355,10 +360,14 @@ cdef class Engine:
             cztun.ztun_engine_stop(self._e, drain_ms)
 
     def close(self) -> None:
-        if self._e != NULL:
-            with nogil:
-                cztun.ztun_engine_free(self._e)
-            self._e = NULL
+        """Stop the workers and close the listening sockets. The memory is released
+        when the object goes away, so a call racing with close() on another thread
+        fails cleanly instead of touching freed memory."""
+        if self._e == NULL or self._closed:
+            return
+        self._closed = True
+        with nogil:
+            cztun.ztun_engine_stop(self._e, 0)
         self._tls_keep = {}
 
     def add_listener(self, int mode, object bind=None, object upstream=None, *,
@@ -452,6 +461,36 @@ cdef class Engine:
             rc = cztun.ztun_engine_adopt(self._e, listener_id, fd, ptarget, request_id)
         _check(rc, f"listener {listener_id}")
 
+    def set_directory(self, entries) -> None:
+        """Replace the directory of mesh destinations: (ip, spiffe_id or None, via or None)."""
+        cdef list rows = list(entries)
+        cdef int n = len(rows), i, rc
+        cdef cztun.ztun_dir_entry *v = NULL
+        self._alive()
+        keep = []
+        v = <cztun.ztun_dir_entry *>malloc((n if n else 1) * sizeof(cztun.ztun_dir_entry))
+        if v == NULL:
+            raise MemoryError()
+        try:
+            memset(v, 0, (n if n else 1) * sizeof(cztun.ztun_dir_entry))
+            for i in range(n):
+                ip, ident, via = rows[i]
+                addr = ipaddress.ip_address(ip)
+                packed = (ipaddress.IPv6Address(f"::ffff:{addr}").packed if addr.version == 4
+                          else addr.packed)
+                memcpy(v[i].ip, <const char *>packed, 16)
+                if ident is not None:
+                    b = ident.encode()
+                    keep.append(b)
+                    v[i].identity = b
+                if via is not None:
+                    _to_sockaddr(via, &v[i].via, "via")
+            with nogil:
+                rc = cztun.ztun_engine_set_directory(self._e, v, n)
+        finally:
+            free(v)
+        _check(rc, "directory")
+
     def pause_accept(self) -> None:
         cdef int rc
         self._alive()
@@ -465,6 +504,30 @@ cdef class Engine:
         with nogil:
             cztun.ztun_engine_stats(self._e, &s)
         return _stats_dict(&s)
+
+    def connections(self) -> list:
+        """Live connections: (conn_id, listener_id, mode, relaying, bytes_down_up,
+        bytes_up_down, start_ns) tuples, read from every worker."""
+        cdef size_t cap = 1024, n = 0
+        cdef cztun.ztun_conn_info *v = NULL
+        cdef int rc
+        self._alive()
+        while True:
+            v = <cztun.ztun_conn_info *>malloc(cap * sizeof(cztun.ztun_conn_info))
+            if v == NULL:
+                raise MemoryError()
+            with nogil:
+                rc = cztun.ztun_engine_connections(self._e, v, cap, &n)
+            if rc < 0 or n <= cap:
+                break
+            free(v)
+            cap = n + n // 4 + 16
+        try:
+            _check(rc, "connections")
+            return [(v[i].conn_id, v[i].listener_id, v[i].mode, bool(v[i].state),
+                     v[i].bytes_down_up, v[i].bytes_up_down, v[i].start_ns) for i in range(n)]
+        finally:
+            free(v)
 
     def read_events(self) -> list:
         """Drain pending events (a batch); empty list when none."""

@@ -33,6 +33,7 @@ struct ztun_engine_config {
 	uint32_t events;               /* ZTUN_EVMASK_* bits: which events to emit */
 	uint32_t splice_pipe;          /* TCP-to-TCP legs: splice(2) through pipes of this
 	                                * many bytes; 0: copy through buffers */
+	uint32_t spin_us;              /* after work, poll this long before sleeping; 0: never */
 };
 
 /* What a listener does with the connections it accepts. */
@@ -42,6 +43,7 @@ enum ztun_listener_mode {
 	ZTUN_MODE_TLS_IN = 3,  /* mutual TLS in (server side), plaintext to the upstream */
 	ZTUN_MODE_HBONE_IN = 4,  /* mutual TLS + HTTP/2 CONNECT in, plaintext to the authority */
 	ZTUN_MODE_HBONE_OUT = 5, /* plaintext in, HTTP/2 CONNECT over pooled mutual TLS out */
+	ZTUN_MODE_SOCKS5 = 6,    /* plaintext SOCKS5 in; the destination is routed (directory) */
 };
 
 struct ztun_listener_spec {
@@ -111,6 +113,31 @@ int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct
 /* Policy: the engine takes ownership of the table (NULL removes policy). Live
  * connections are re-checked against the new table and newly denied ones closed. */
 int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table);
+
+/* The directory: which destination addresses are mesh workloads. Outbound
+ * connections with a per-connection destination (SOCKS5, ORIGINAL_DST) to a listed
+ * address go over HBONE to its hop expecting its identity; any other address gets
+ * a plain connection (passthrough). Replaces the whole directory atomically. */
+struct ztun_dir_entry {
+	uint8_t ip[16];              /* the workload's address (IPv4 as ::ffff:a.b.c.d) */
+	const char *identity;        /* its SPIFFE ID; NULL: not in the mesh (passthrough) */
+	struct sockaddr_storage via; /* its HBONE listener; family 0: the address itself, :15008 */
+};
+int ztun_engine_set_directory(ztun_engine *e, const struct ztun_dir_entry *entries, int n);
+
+/* Live connections, for metrics of connections that have not finished yet. */
+struct ztun_conn_info {
+	uint64_t conn_id;
+	uint32_t listener_id;
+	uint16_t mode;
+	uint16_t state;          /* 0: setting up, 1: relaying */
+	uint64_t bytes_down_up;
+	uint64_t bytes_up_down;
+	uint64_t start_ns;       /* CLOCK_REALTIME */
+};
+/* Copy up to cap live connections into out; *n receives how many there are in all
+ * (may exceed cap). Costs one round trip through every worker. */
+int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n);
 
 /* Counters. Sums over all workers, read with relaxed atomics. */
 enum ztun_close_reason {
