@@ -356,26 +356,6 @@ def client_hello(n: int | None = None) -> bytes:
     return hello if n is None else hello[:n]
 
 
-# ---- a known engine bug (see test_integrity.py) -------------------------------------------------
-
-STRANDED = (
-    "engine bug: bytes that arrive right behind the last handshake flight are read by "
-    "SSL_do_handshake into OpenSSL's read-ahead buffer during an event without EPOLLIN; "
-    "rd_ready stays 0 and, the socket being drained, edge-triggered epoll never reports "
-    "them: the connection stalls until the peer does something else"
-)
-
-
-def xfail_if_only_stalls(stalls: int, failures: int) -> None:
-    """A run whose only failures are stalls (timeouts, no wrong byte seen) hit the lost
-    wakeup above: report it as that known bug; anything else stays a failure. (Remove
-    this once the engine is fixed.)"""
-    if failures and stalls == failures:
-        import pytest
-
-        pytest.xfail(f"{stalls} stalled connection(s): {STRANDED}")
-
-
 # ---- deterministic payloads ------------------------------------------------------------------
 
 
