@@ -101,6 +101,13 @@ class TunnelStats:
     policies: dict[str, PolicyCounters] = field(default_factory=dict)
     policy_defaults: PolicyCounters = field(default_factory=PolicyCounters)
     policy_generation: int = 0  # 0: no policy table
+    # refused TLS handshakes by reason ("expired", "unknown_ca", "unexpected_spiffe_id", ...)
+    tls_failures: dict[str, int] = field(default_factory=dict)
+    # HBONE: CONNECT responses by status (200, 400, 401, 503, "other"), HTTP/2 connections
+    hbone_status: dict[int | str, int] = field(default_factory=dict)
+    hbone_connections_opened: int = 0
+    hbone_connections_active: int = 0
+    hbone_protocol_errors: int = 0
 
     @property
     def failures(self) -> dict[str, int]:
@@ -450,18 +457,18 @@ class Tunnel(MeshMixin):
         """Use a new certificate (and bundle) for new handshakes; live connections keep theirs."""
         tls = self._make_tls(identity, trust or self._trust)
         with self._lock:
-            self._identity = identity
             if trust is not None:
                 self._trust = trust
             self._tls = tls
             engine = self._engine
-            if engine is None:
-                return
-            # Every listener with a TLS context: forwards, listen(), serve(), SOCKS5
-            # and the virtual listeners behind connect().
-            for lid in engine.tls_listeners():
-                with contextlib.suppress(EngineError):
-                    engine.set_listener_tls(lid, tls)
+            if engine is not None:
+                # Every listener with a TLS context: forwards, listen(), serve(), SOCKS5
+                # and the virtual listeners behind connect().
+                for lid in engine.tls_listeners():
+                    with contextlib.suppress(EngineError):
+                        engine.set_listener_tls(lid, tls)
+            # Published last: `certificate` names what new handshakes use.
+            self._identity = identity
 
     # ---- listeners -------------------------------------------------------
 
@@ -802,6 +809,11 @@ class Tunnel(MeshMixin):
             policies=per_policy,
             policy_defaults=defaults,
             policy_generation=gen,
+            tls_failures=dict(s["tls_failures"]),
+            hbone_status=dict(s["hbone_status"]),
+            hbone_connections_opened=s["hbone_connections_opened"],
+            hbone_connections_active=s["hbone_connections_active"],
+            hbone_protocol_errors=s["hbone_protocol_errors"],
         )
 
     @property

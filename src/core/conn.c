@@ -126,6 +126,7 @@ int zflow_emit(struct zworker *w, struct zflow *f, int type)
 	ev->local_id_len = (uint16_t)lens[2];
 	ev->trace_len = (uint16_t)lens[3];
 	ev->baggage_len = (uint16_t)lens[4];
+	ev->tls_reason = f->tls_reason;
 	p = (char *)(ev + 1);
 	for (int i = 0; i < 5; i++) {
 		if (lens[i])
@@ -698,12 +699,19 @@ static void drive_handshake(struct zworker *w, struct zflow *f, int side)
 	if (r == 0)
 		return;
 	if (r < 0) {
+		f->tls_reason = (uint8_t)ztls_count_failure(w, f->hs->code);
 		zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake with %s failed: %s",
 				 (unsigned long long)f->id, side == 0 ? "client" : "server",
 				 f->detail ? f->detail : "?");
-		/* Any alert is already sent; no RST after it on the TLS side. */
-		zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, side == 0 ? END_GRACEFUL : END_RESET,
-			    side == 1 ? END_GRACEFUL : END_RESET);
+		/* A failed handshake sent its alert: close the TLS side without an RST after
+		 * it. A peer refused after a completed handshake (a resumed session whose
+		 * identity no longer passes) cannot get an alert any more: reset it, so it
+		 * never mistakes the refusal for a clean end. */
+		if (r == -EACCES)
+			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
+		else
+			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, side == 0 ? END_GRACEFUL : END_RESET,
+				    side == 1 ? END_GRACEFUL : END_RESET);
 		return;
 	}
 	f->peer_id = id;
@@ -925,6 +933,7 @@ static void connected(struct zworker *w, struct zflow *f)
 {
 	if (f->l->mode == ZTUN_MODE_TLS_OUT) {
 		if (begin_tls(w, f, 1)) {
+			f->tls_reason = (uint8_t)ztls_count_failure(w, f->hs ? f->hs->code : 0);
 			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
 			return;
 		}
@@ -1060,6 +1069,7 @@ static void flow_begin(struct zworker *w, struct zflow *f)
 	switch (l->mode) {
 	case ZTUN_MODE_TLS_IN:
 		if (begin_tls(w, f, 0)) {
+			f->tls_reason = (uint8_t)ztls_count_failure(w, f->hs ? f->hs->code : 0);
 			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
 			return;
 		}
@@ -1198,6 +1208,7 @@ void zflow_tick(struct zworker *w)
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		} else {
 			zflow_set_detail(f, "TLS handshake timed out");
+			f->tls_reason = (uint8_t)ztls_count_failure(w, ZTUN_TLSR_HANDSHAKE_TIMEOUT);
 			zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake timed out",
 					 (unsigned long long)f->id);
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);

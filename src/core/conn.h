@@ -129,6 +129,7 @@ struct zflow {
 	struct ztls_expect *expect;   /* HBONE out: identities the server may present */
 	uint8_t socks;                /* SOCKS5: negotiation step; 0 when not SOCKS */
 	uint8_t staged;               /* HBONE: has DATA chunks staged in the read buffer */
+	uint8_t tls_reason;           /* enum ztun_tls_reason when a handshake was refused */
 };
 
 /* ---- sockio.c: endpoint I/O ---------------------------------------------- */
@@ -148,6 +149,8 @@ int zep_tls_begin(struct zworker *w, struct zep *ep, ztun_tls_ctx *ctx, struct z
 /* Drive a handshake: 1 done (*peer_id set, malloc'd), 0 in progress, <0 failed
  * (the reason is in the endpoint's detail; an alert was sent when there is one). */
 int zep_handshake(struct zep *ep, struct ztls_hs *hs, char **peer_id);
+/* Count a refused handshake by reason; returns the reason actually counted. */
+int ztls_count_failure(struct zworker *w, int code);
 
 /* ---- conn.c: flows, for hbone.c ------------------------------------------ */
 enum { END_GRACEFUL = 0, END_RESET = 1 };

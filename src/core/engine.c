@@ -1149,6 +1149,8 @@ int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out)
 		out->h2_closed += RD(s->h2_closed);
 		for (int r = 0; r < ZTUN_CLOSE__COUNT; r++)
 			out->h2_close_reason[r] += RD(s->h2_reason[r]);
+		for (int r = 0; r < ZTUN_TLSR__COUNT; r++)
+			out->tls_failures[r] += RD(s->tls_failures[r]);
 #undef RD
 	}
 	out->conns_active = out->conns_opened - out->conns_closed;

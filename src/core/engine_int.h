@@ -91,6 +91,7 @@ struct zstats {
 	_Atomic uint64_t h2_opened;
 	_Atomic uint64_t h2_closed;
 	_Atomic uint64_t h2_reason[ZTUN_CLOSE__COUNT];
+	_Atomic uint64_t tls_failures[ZTUN_TLSR__COUNT];
 };
 
 static inline void zstat_add(_Atomic uint64_t *c, uint64_t v)

@@ -1003,6 +1003,7 @@ static void h2_activate(struct zh2 *h)
 	SSL_get0_alpn_selected(h->ep.ssl, &alpn, &alpn_len);
 	if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) {
 		zstat_add(&h->w->stats.hbone_protocol_errors, 1);
+		ztls_count_failure(h->w, ZTUN_TLSR_NO_ALPN);
 		h2_fail(h, ZTUN_CLOSE_PROTOCOL, "peer did not negotiate ALPN h2");
 		return;
 	}
@@ -1042,6 +1043,7 @@ static void h2_handshake(struct zh2 *h)
 	if (r == 0)
 		return;
 	if (r < 0) {
+		ztls_count_failure(h->w, h->hs->code);
 		h2_fail(h, ZTUN_CLOSE_TLS_ERROR, NULL);
 		return;
 	}
@@ -1068,6 +1070,7 @@ void zh2_accept(struct zworker *w, struct zlistener *l, int fd, const struct soc
 	h->peer = *src;
 	h->ep.fd = fd;
 	if (zep_register(w, &h->ep) < 0 || h2_begin_tls(h) != 0) {
+		ztls_count_failure(w, h->hs ? h->hs->code : 0);
 		h2_fail(h, ZTUN_CLOSE_TLS_ERROR, h->detail ? NULL : "cannot start TLS");
 		return;
 	}
@@ -1327,6 +1330,7 @@ void zh2_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 			return;
 		}
 		if (h2_begin_tls(h) != 0) {
+			ztls_count_failure(w, h->hs ? h->hs->code : 0);
 			h2_fail(h, ZTUN_CLOSE_TLS_ERROR, NULL);
 			return;
 		}
@@ -1384,6 +1388,8 @@ void zh2_tick(struct zworker *w)
 
 		it = it->next;
 		if (h->state < H2_ACTIVE) {
+			if (w->now >= h->deadline && h->state == H2_HANDSHAKE)
+				ztls_count_failure(w, ZTUN_TLSR_HANDSHAKE_TIMEOUT);
 			if (w->now >= h->deadline)
 				h2_fail(h, h->state == H2_CONNECTING ? ZTUN_CLOSE_CONNECT_TIMEOUT
 								     : ZTUN_CLOSE_HANDSHAKE_TIMEOUT,

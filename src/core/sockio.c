@@ -53,6 +53,15 @@ void zep_close(struct zep *ep, int reset)
 
 			setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 		}
+		if (!reset) {
+			/* Unread input turns close() into an RST that throws away what we
+			 * still had queued (an alert, a close_notify): read it away first. */
+			char sink[16384];
+
+			shutdown(ep->fd, SHUT_WR);
+			for (int i = 0; i < 16 && recv(ep->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
+				;
+		}
 		/* close() removes the fd from epoll only if no other process holds the
 		 * socket: after a fork() the child's copy would keep delivering events for
 		 * a freed connection. Remove it explicitly. */
@@ -380,6 +389,14 @@ int zep_shutdown_write(struct zep *ep)
 
 /* ---- TLS handshakes ------------------------------------------------------ */
 
+int ztls_count_failure(struct zworker *w, int code)
+{
+	if (code <= 0 || code >= ZTUN_TLSR__COUNT)
+		code = ZTUN_TLSR_OTHER;
+	zstat_add(&w->stats.tls_failures[code], 1);
+	return code;
+}
+
 int zep_tls_begin(struct zworker *w, struct zep *ep, ztun_tls_ctx *ctx, struct ztls_hs *hs,
 		  const char *alpn)
 {
@@ -392,6 +409,7 @@ int zep_tls_begin(struct zworker *w, struct zep *ep, ztun_tls_ctx *ctx, struct z
 			 ctx->identity);
 		zep_detail(ep, msg);
 		zworker_emit_log(w, ZTUN_LOG_ERROR, "%s", msg);
+		hs->code = ZTUN_TLSR_OWN_CERT_EXPIRED;
 		return ZTUN_ETLS;
 	}
 	ep->ssl = ztls_new(ctx, ep->fd, hs, alpn);

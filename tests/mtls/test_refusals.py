@@ -93,6 +93,13 @@ ESSENTIAL: dict[str, str] = {
 }
 
 CERT_KINDS = [k.value for k in BadKind]
+# The engine's per-reason failure counter (stats().tls_failures) for each kind.
+TLS_COUNTER: dict[str, str] = {
+    NO_CLIENT_CERT: "no_peer_certificate",
+    TLS12_ONLY: "protocol_version",
+    GARBAGE: "not_tls",
+    HTTP: "not_tls",
+}
 # Bytes that are no TLS record: a TLS record starts 0x14..0x18 0x03 0x0N.
 GARBAGE_BYTES = b"\x00\x01\x02garbage, not TLS\xff" * 20
 HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: test\r\n\r\n"
@@ -114,6 +121,10 @@ def assert_refused(
     st = t.stats()
     assert st.close_reasons["tls_error"] == 1, st.close_reasons
     assert st.failures == {"tls_error": 1}
+    # The failure counter names the reason too.
+    counted = {k: v for k, v in st.tls_failures.items() if v}
+    assert counted == {TLS_COUNTER.get(kind, kind): 1}, counted
+    assert ev.tls_reason == TLS_COUNTER.get(kind, kind), ev.tls_reason
     assert st.handshakes == 0
     assert st.connections_active == 0
 
@@ -397,7 +408,8 @@ def test_client_of_a_federated_trust_domain_refused(env: Env) -> None:
     got = outcome(lambda: _tls_client(lst.address, ctx))
     detail = assert_refused(t, events, env.logs, lst.id, kind="other_trust_domain", side="client")
     assert detail == (
-        "client spiffe://other.test/ns/default/sa/client is not in trust domain example.org"
+        "other trust domain: client spiffe://other.test/ns/default/sa/client is not in trust "
+        "domain example.org"
     )
     assert isinstance(got, ssl.SSLError), got
     assert env.echo.accepted == 0

@@ -211,11 +211,6 @@ def test_client_trust_change_is_not_bypassed_by_resumption(env: Env) -> None:
     assert closes[2].detail == "certificate signed by an unknown CA"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a peer refused after a resumed handshake (identity re-check in "
-    "ztls_peer_identity) is closed with close_notify, a clean TLS end, instead of an alert",
-)
 def test_refused_resumption_gets_an_alert(env: Env) -> None:
     """TLS 1.3: the client's resumed handshake completes before the server re-checks the
     identity in the session; the refusal must still read as an error to the client."""

@@ -27,6 +27,7 @@ EVPOL_DRY_RUN: int
 EVPOL_DRY_RUN_DENY: int
 EVPOL_RECHECKED: int
 CLOSE_REASONS: tuple[str, ...]
+TLS_REASONS: tuple[str, ...]
 
 def core_version() -> str: ...
 def strerror(code: int) -> str: ...

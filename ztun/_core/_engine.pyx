@@ -75,6 +75,10 @@ _EV_NAMES = {
     cztun.ZTUN_EV_ACCEPT: "accept",
 }
 
+TLS_REASONS = tuple(
+    cztun.ztun_tls_reason_name(i).decode() for i in range(cztun.ZTUN_TLSR__COUNT)
+)
+
 CLOSE_REASONS = tuple(
     cztun.ztun_close_reason_name(i).decode() for i in range(cztun.ZTUN_CLOSE__COUNT)
 )
@@ -228,6 +232,9 @@ cdef dict _stats_dict(const cztun.ztun_stats *s):
             503: s.hbone_status[3], "other": s.hbone_status[4],
         },
         "hbone_protocol_errors": s.hbone_protocol_errors,
+        "tls_failures": {
+            TLS_REASONS[i]: s.tls_failures[i] for i in range(1, cztun.ZTUN_TLSR__COUNT)
+        },
         "hbone_connections_opened": s.h2_opened,
         "hbone_connections_closed": s.h2_closed,
         "hbone_connections_active": s.h2_active,
@@ -277,6 +284,7 @@ cdef object _parse_event(const char *p):
             "dst": _from_sockaddr(&c.dst),
             "target": _from_sockaddr(&c.target),
             "request_id": c.request_id,
+            "tls_reason": TLS_REASONS[c.tls_reason] if c.tls_reason else None,
             "trace": trace or None,
             "baggage": baggage or None,
             "peer_id": peer or None,

@@ -35,6 +35,9 @@ cdef extern from "ztun/tls.h" nogil:
     ztun_tls_ctx *ztun_tls_ctx_ref(ztun_tls_ctx *ctx)
     void ztun_tls_ctx_free(ztun_tls_ctx *ctx)
     const char *ztun_tls_ctx_identity(const ztun_tls_ctx *ctx)
+    enum:
+        ZTUN_TLSR__COUNT
+    const char *ztun_tls_reason_name(int reason)
 
 
 cdef extern from "ztun/engine.h" nogil:
@@ -125,6 +128,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t h2_closed
         uint64_t h2_active
         uint64_t h2_close_reason[32]
+        uint64_t tls_failures[32]
 
     struct ztun_event_hdr:
         uint32_t len
@@ -159,6 +163,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint16_t local_id_len
         uint16_t trace_len
         uint16_t baggage_len
+        uint16_t tls_reason
         int32_t fd
 
     struct ztun_event_log:

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "ztun/tls.h"
 #include "ztun/ztun.h"
 
 typedef struct ztun_engine ztun_engine;
@@ -204,6 +205,7 @@ struct ztun_stats {
 	uint64_t h2_closed;
 	uint64_t h2_active;
 	uint64_t h2_close_reason[ZTUN_CLOSE__COUNT];
+	uint64_t tls_failures[ZTUN_TLSR__COUNT]; /* refused handshakes, by reason */
 };
 int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out);
 
@@ -258,7 +260,7 @@ struct ztun_event_conn {
 	uint16_t local_id_len;       /* our own SPIFFE ID on this connection */
 	uint16_t trace_len;          /* HBONE: traceparent */
 	uint16_t baggage_len;        /* HBONE: baggage received */
-	uint16_t _pad;
+	uint16_t tls_reason;         /* enum ztun_tls_reason: why a handshake was refused */
 	int32_t fd;                  /* ACCEPT: the caller's end of the socketpair */
 	/* followed by peer_id, detail, local_id, trace and baggage bytes (no NULs) */
 };
