@@ -77,7 +77,9 @@ def rst_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def read_outcome(sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 30) -> tuple[str, int]:
+def read_outcome(
+    sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 30
+) -> tuple[str, int]:
     """Read until EOF, reset or timeout: ("eof" | "reset" | "timeout" | "error:<errno>", bytes)."""
     sock.settimeout(timeout)
     n = 0
@@ -96,7 +98,9 @@ def read_outcome(sock: socket.socket, timeout: float = 5.0, limit: int = 1 << 30
     return "limit", n
 
 
-def write_outcome(sock: socket.socket, timeout: float = 5.0, total: int = 64 << 20) -> tuple[str, int]:
+def write_outcome(
+    sock: socket.socket, timeout: float = 5.0, total: int = 64 << 20
+) -> tuple[str, int]:
     """Write until ``total`` bytes went out, the peer is gone, or timeout."""
     sock.settimeout(timeout)
     chunk = b"w" * (64 << 10)

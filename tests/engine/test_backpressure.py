@@ -98,7 +98,7 @@ def test_slow_reader_slows_the_writer_memory_bounded(tunnel, upstream, direction
     buffers and RSS stay bounded, 48 MiB arrive intact (SHA-256)."""
     total = 48 << 20
     stream = Stream(7, total)
-    fwd, [(c, s)] = _connect(tunnel, upstream)
+    _, [(c, s)] = _connect(tunnel, upstream)
     writer, reader = (c, s) if direction == "up" else (s, c)
     progress = {"sent": 0, "got": 0}
     max_lead = 0

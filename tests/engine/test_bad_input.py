@@ -39,9 +39,7 @@ def _closed_port(node, host: str) -> int:
         ("no_such_host", "connect_error", "no route to host"),
     ],
 )
-def test_unreachable_target_resets_client_counts_and_logs(
-    two_nodes, caplog, where, reason, detail
-):
+def test_unreachable_target_resets_client_counts_and_logs(two_nodes, caplog, where, reason, detail):
     a, b = two_nodes
     caplog.set_level(logging.INFO, logger="ztun")
     if where == "own_loopback":
@@ -78,10 +76,14 @@ def test_unreachable_target_resets_client_counts_and_logs(
         assert detail in (ev.detail or "").lower()
         assert ev.bytes_sent == ev.bytes_received == 0
         assert wait_until(
-            lambda: [r for r in caplog.records if r.name == "ztun.access" and reason in r.getMessage()],
+            lambda: [
+                r for r in caplog.records if r.name == "ztun.access" and reason in r.getMessage()
+            ],
             5,
         ), "no access log line with the reason"
-        warn = [r for r in caplog.records if r.name == "ztun.engine" and r.levelno >= logging.WARNING]
+        warn = [
+            r for r in caplog.records if r.name == "ztun.engine" and r.levelno >= logging.WARNING
+        ]
         assert any(detail in r.getMessage().lower() for r in warn), [r.getMessage() for r in warn]
         assert_fds_return(baseline, timeout=5)
 

@@ -24,9 +24,7 @@ def test_1000_connections_random_sizes_chunking_half_close_and_rst(tunnel, trans
         n, max_size=64 * MiB, rst_fraction=0.1, first_id=transform_server.next_conn_ids(n)
     )
     fwd = tunnel.forward(listen=("127.0.0.1", 0), to=transform_server.address)
-    summary = run_integrity(
-        fwd.address, transform_server, concurrency=8, deadline=240, specs=specs
-    )
+    summary = run_integrity(fwd.address, transform_server, concurrency=8, deadline=240, specs=specs)
     summary.assert_clean()
     assert summary.mismatched_bytes == 0
     assert {s.order for s in specs if s.rst == "none"} == {"client_fin", "server_fin"}

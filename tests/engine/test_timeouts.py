@@ -13,7 +13,7 @@ import socket
 import time
 
 import pytest
-from harness.fds import fd_targets, assert_fds_return
+from harness.fds import assert_fds_return, fd_targets
 
 from .helpers import Events, node_tunnel, read_outcome, rst_close, wait_closed, wait_until
 
