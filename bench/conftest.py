@@ -94,15 +94,24 @@ def build_zload() -> str:
     return ZLOAD_BIN
 
 
-def zload_client(dial: tuple[str, int], *args: object, timeout: float = 120.0) -> dict[str, float]:
+# Connection-rate runs: a connection that gets no answer in this many seconds counts as an
+# error (zload's default is 30 s: one stalled connection would eat the whole run).
+CONN_IO_TIMEOUT = 5
+
+
+def zload_client(
+    dial: tuple[str, int], *args: object, timeout: float = 120.0, io_timeout: int | None = None
+) -> dict[str, float]:
     """Run one zload client measurement against ``dial``; its JSON result."""
     host = f"[{dial[0]}]" if ":" in dial[0] else dial[0]
+    env = None if io_timeout is None else {**os.environ, "ZLOAD_TIMEOUT": str(io_timeout)}
     out = subprocess.run(
         [ZLOAD_BIN, "client", f"{host}:{dial[1]}", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
     lines = out.stdout.strip().splitlines()
     res = json.loads(lines[-1]) if lines else {"error": out.stderr.strip() or "no output"}
@@ -133,6 +142,7 @@ def hold_connections(dial: tuple[str, int], n: int) -> tuple[subprocess.Popen[st
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "ZLOAD_TIMEOUT": str(CONN_IO_TIMEOUT)},
     )
     import selectors
 

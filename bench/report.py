@@ -32,7 +32,7 @@ COLUMNS = [
     ("r", "throughput", "cpu_s_per_gb", "stunnel", "CPU x stunnel"),
     ("v", "connrate", "cpu_us_per_conn", "CPU us/conn", "{:,.0f}"),
 ]
-# Connections, handshakes and memory (same conventions).
+# Connections, handshakes and memory (same conventions; "s": the sum over rounds).
 COLUMNS2 = [
     ("v", "connrate", "conns_per_s", "conn/s seq", "{:,.0f}"),
     ("r", "connrate", "conns_per_s", "direct", "x direct"),
@@ -46,6 +46,9 @@ COLUMNS2 = [
     ("v", "handshakes", "client_hs_per_core", "client hs/s/core", "{:,.0f}"),
     ("v", "handshakes", "server_hs_per_core", "server hs/s/core", "{:,.0f}"),
     ("v", "handshakes", "resumed_pct", "resumed %", "{:.0f}"),
+    ("s", "connrate", "conn_errors", "stalled seq (sum)", "{:.0f}"),
+    ("s", "connrate_concurrent", "cconn_errors", "stalled conc (sum)", "{:.0f}"),
+    ("s", "handshakes", "hs_errors", "stalled hs (sum)", "{:.0f}"),
     ("v", "idle", "kib_per_conn", "idle KiB/conn", "{:.2f}"),
     ("v", "idle", "idle_conns", "idle conns", "{:,.0f}"),
 ]
@@ -166,13 +169,16 @@ def fr_range(xs: list[float]) -> str:
 
 
 def table(values, order: list[str], columns: list[tuple[str, str, str, str, str]]) -> str:
-    head = ["path"] + [c[3] if c[0] == "v" else c[4] for c in columns]
+    head = ["path"] + [c[3] if c[0] in "vs" else c[4] for c in columns]
     rows = []
     for p in order:
         row = [p]
         for kind, metric, key, x, f in columns:
+            xs = list(values.get((metric, key), {}).get(p, {}).values())
             if kind == "v":
-                row.append(fmt(med(list(values.get((metric, key), {}).get(p, {}).values())), f))
+                row.append(fmt(med(xs), f))
+            elif kind == "s":
+                row.append(fmt(sum(xs) if xs else None, f))
             else:
                 row.append("-" if p == x else fr(ratio(values, metric, key, p, x)))
         if any(c != "-" for c in row[1:]):

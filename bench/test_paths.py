@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import (
+    CONN_IO_TIMEOUT,
     KNOBS,
     cpu_seconds,
     hold_connections,
@@ -77,11 +78,12 @@ def test_connrate(benchmark, path, rnd, knobs):
 
     def run() -> None:
         c0 = cpu_seconds(path.pids)
-        r = zload_client(path.dial, "conns", knobs.conns_secs)
+        r = zload_client(path.dial, "conns", knobs.conns_secs, io_timeout=CONN_IO_TIMEOUT)
         cpu = cpu_seconds(path.pids) - c0
         samples.append(
             {
                 "conns_per_s": r["conns_per_s"],
+                "conn_errors": r["errors"],
                 "conn_p50_us": r["p50_us"],
                 "conn_p99_us": r["p99_us"],
                 "cpu_us_per_conn": cpu / r["conns"] * 1e6 if path.pids and r["conns"] else None,
@@ -98,8 +100,14 @@ def test_connrate_concurrent(benchmark, path, rnd, knobs):
     samples: list[dict[str, float]] = []
 
     def run() -> None:
-        r = zload_client(path.dial, "cconns", knobs.cconns_secs, knobs.cconns_threads)
-        samples.append({"cconns_per_s": r["conns_per_s"]})
+        r = zload_client(
+            path.dial,
+            "cconns",
+            knobs.cconns_secs,
+            knobs.cconns_threads,
+            io_timeout=CONN_IO_TIMEOUT,
+        )
+        samples.append({"cconns_per_s": r["conns_per_s"], "cconn_errors": r["errors"]})
 
     benchmark.pedantic(run, rounds=knobs.inner, iterations=1)
     _record(benchmark, "connrate_concurrent", path, rnd, samples)
@@ -117,11 +125,18 @@ def test_handshakes(benchmark, path, rnd, knobs):
         cli, srv = path.pids[0], path.pids[-1]
         c0, s0 = cpu_seconds([cli]), cpu_seconds([srv])
         st0 = path.handle.stats() if path.handle.stats else None
-        r = zload_client(path.dial, "cconns", knobs.cconns_secs * 2, knobs.cconns_threads)
+        r = zload_client(
+            path.dial,
+            "cconns",
+            knobs.cconns_secs * 2,
+            knobs.cconns_threads,
+            io_timeout=CONN_IO_TIMEOUT,
+        )
         cc, sc = cpu_seconds([cli]) - c0, cpu_seconds([srv]) - s0
         n = r["conns"]
         sample = {
             "hs_per_s": r["conns_per_s"],
+            "hs_errors": r["errors"],
             "hs_per_core": n / (cc + sc) if cc + sc else None,
             "client_hs_per_core": n / cc if cc else None,
             "server_hs_per_core": n / sc if sc else None,
