@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from harness.fds import assert_fds_return, fd_targets
@@ -336,3 +337,28 @@ def test_stats_fields_and_exact_counters(tunnel):
     assert st.events_dropped == 0
     assert st.buffers_in_use == 0
     ls.close()
+
+
+def test_a_stuck_subscriber_never_slows_the_relay(tunnel, echo_server):
+    """The engine never waits for Python: with the event pump stuck in a subscriber for
+    seconds, connections keep being relayed; events that did not fit the ring are counted."""
+    release = threading.Event()
+    got: list[str] = []
+
+    def stuck(ev) -> None:
+        got.append(ev.kind)
+        if len(got) == 1:
+            release.wait(30)
+
+    tunnel.subscribe(stuck)
+    fwd = tunnel.forward(listen=("127.0.0.1", 0), to=echo_server.address)
+    n = 3000
+    with ThreadPoolExecutor(16) as ex:
+        assert all(r == b"ping" for r in ex.map(lambda _: _echo_once(fwd.address), range(n)))
+    assert len(got) == 1, "the subscriber should still be stuck on its first event"
+    st = wait_closed(tunnel, n)
+    assert st.connections_closed == n and st.failures == {}
+    release.set()
+    # every event was either delivered or counted as dropped
+    assert wait_until(lambda: len(got) + tunnel.stats().events_dropped >= 2 * n, 10)
+    assert len(got) + tunnel.stats().events_dropped == 2 * n
