@@ -23,7 +23,11 @@ _MODE_PROTO = {1: "TCP", 2: "TLS", 3: "TLS", 4: "HBONE", 5: "HBONE"}
 
 @dataclass(frozen=True, slots=True)
 class ConnectionEvent:
-    """A connection established (``kind == "open"``) or finished (``"close"``)."""
+    """A connection established (``kind == "open"``) or finished (``"close"``).
+
+    ``"connect_done"`` reports the outcome of a ``Tunnel.connect()`` and ``"accept"``
+    carries a tunnelled connection delivered to ``Tunnel.accept()``.
+    """
 
     kind: str
     conn_id: int
@@ -44,6 +48,11 @@ class ConnectionEvent:
     errno: int
     detail: str | None
     worker: int
+    target: tuple[str, int] | None = None  # HBONE: the CONNECT authority
+    trace: str | None = None  # HBONE: traceparent
+    baggage: str | None = None  # HBONE: baggage received
+    request_id: int = 0  # adopted connections (Tunnel.connect)
+    fd: int | None = None  # "accept": the delivered socket
 
     @property
     def direction(self) -> str:
@@ -63,7 +72,7 @@ class EngineLog:
 
 def parse_event(raw: dict[str, Any]) -> ConnectionEvent | EngineLog | None:
     kind = raw.get("type")
-    if kind in ("open", "close"):
+    if kind in ("open", "close", "connect_done", "accept"):
         return ConnectionEvent(
             kind=kind,
             conn_id=raw["conn_id"],
@@ -84,6 +93,11 @@ def parse_event(raw: dict[str, Any]) -> ConnectionEvent | EngineLog | None:
             errno=raw["errno"],
             detail=raw["detail"],
             worker=raw["worker"],
+            target=raw.get("target"),
+            trace=raw.get("trace"),
+            baggage=raw.get("baggage"),
+            request_id=raw.get("request_id", 0),
+            fd=raw.get("fd") if kind == "accept" else None,
         )
     if kind == "log":
         return EngineLog(level=raw["level"], message=raw["message"], worker=raw["worker"])
@@ -119,8 +133,12 @@ def access_log_line(ev: ConnectionEvent, policy_name: str | None = None) -> str:
     ]
     if policy_name:
         fields.append(f"policy={policy_name}")
+    if ev.target is not None and ev.mode in (4, 5):
+        fields.append(f"target={_addr(ev.target)}")
     if ev.http_status:
         fields.append(f"status={ev.http_status}")
+    if ev.trace:
+        fields.append(f"trace={ev.trace}")
     if not ev.ok:
         err = ev.reason + (f": {ev.detail}" if ev.detail else "")
         fields.append(f'error="{err}"')

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import select
 import threading
 import warnings
@@ -37,6 +38,7 @@ from ztun.events import (
     parse_event,
 )
 from ztun.identity import IdentitySource, SpiffeId, Svid, TrustBundle
+from ztun.mesh import HBONE_PORT, MeshMixin
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -159,7 +161,7 @@ class Listener(_Endpoint):
         self.to = to
 
 
-class Tunnel:
+class Tunnel(MeshMixin):
     """An embeddable zero-trust tunnel.
 
     Parameters (all keyword-only):
@@ -234,6 +236,7 @@ class Tunnel:
         self._pump_stop: int | None = None  # write end of a pipe that wakes the pump
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._mesh_init()
 
     # ---- lifecycle -------------------------------------------------------
 
@@ -286,6 +289,7 @@ class Tunnel:
         engine.stop(round(drain * 1000) if drain > 0 else 0)
         self._stop_pump()
         self._drain_events()
+        self._mesh_close()
         engine.close()
         with self._lock:
             self._engine = None
@@ -400,6 +404,8 @@ class Tunnel:
         *,
         expect: Sequence[str] | None = None,
         plaintext: bool = False,
+        via: Address | None = None,
+        protocol: str | None = None,
     ) -> Forward:
         """Accept on ``listen``; carry each connection to ``to``.
 
@@ -407,7 +413,15 @@ class Tunnel:
         connection to ``to`` is mutual TLS 1.3 and the server's identity is verified.
         Without it the forward is plaintext, which needs ``plaintext=True`` when this
         tunnel has an identity (so a forgotten ``expect`` never silently downgrades).
+
+        ``protocol`` is ``"tls"`` (default: one mTLS connection per connection, to
+        ``to``) or ``"hbone"`` (HTTP/2 CONNECT streams over pooled mTLS connections to
+        ``via``, default ``to``'s IP on port 15008, with ``to`` as the authority).
         """
+        if protocol is None:
+            protocol = "hbone" if via is not None else "tls"
+        if protocol not in ("tls", "hbone"):
+            raise ValueError(f"protocol: expected 'tls' or 'hbone', got {protocol!r}")
         listen = _check_address(listen, "listen", allow_port_zero=True)
         to = _check_address(to, "to", allow_port_zero=False)
         ids: tuple[str, ...] = ()
@@ -426,8 +440,15 @@ class Tunnel:
                 "expect: this tunnel has an identity, so forwards use mTLS: pass the server's "
                 "SPIFFE IDs in expect=[...] (or plaintext=True for a plaintext forward)"
             )
+        if protocol == "hbone" and not ids:
+            raise ValueError("expect: HBONE needs the SPIFFE IDs the server may present")
         engine = self._require_engine()
-        if ids:
+        if ids and protocol == "hbone":
+            hop = _check_address(via, "via", allow_port_zero=False) if via else (to[0], HBONE_PORT)
+            lid, bound = engine.add_listener(
+                _engine.MODE_HBONE_OUT, listen, hop, target=to, tls=self._tls, expect=ids
+            )
+        elif ids:
             lid, bound = engine.add_listener(
                 _engine.MODE_TLS_OUT, listen, to, tls=self._tls, expect=ids
             )
@@ -595,6 +616,15 @@ class Tunnel:
             engine_logger.log(ev.level, "%s", ev.message)
             return
         if ev is None:
+            return
+        if ev.kind == "connect_done":
+            self._on_connect_done(ev)
+            return
+        if ev.kind == "accept":
+            if self._closed:
+                os.close(ev.fd) if ev.fd is not None and ev.fd >= 0 else None
+            else:
+                self._on_accept(ev)
             return
         if ev.kind == "close" and self._access_log and access_logger.isEnabledFor(logging.INFO):
             access_logger.info("%s", access_log_line(ev))

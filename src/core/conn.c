@@ -69,9 +69,11 @@ void zflow_set_detail(struct zflow *f, const char *s)
 
 /* ---- events ------------------------------------------------------------- */
 
-void zflow_emit(struct zworker *w, struct zflow *f, int type)
+int zflow_emit(struct zworker *w, struct zflow *f, int type)
 {
-	uint32_t mask = type == ZTUN_EV_CONN_OPEN ? ZTUN_EVMASK_OPEN : ZTUN_EVMASK_CLOSE;
+	uint32_t mask = type == ZTUN_EV_CONN_OPEN	 ? ZTUN_EVMASK_OPEN
+			: type == ZTUN_EV_CONN_CLOSE ? ZTUN_EVMASK_CLOSE
+						     : ZTUN_EVMASK_ALL; /* results: always */
 	const char *local = f->tls ? ztun_tls_ctx_identity(f->tls) : NULL;
 	const char *parts[5] = {f->peer_id, f->detail, local, f->trace, f->baggage};
 	size_t lens[5], total = 0;
@@ -80,7 +82,7 @@ void zflow_emit(struct zworker *w, struct zflow *f, int type)
 	char *p;
 
 	if (!(w->e->cfg.events & mask))
-		return;
+		return 0;
 	for (int i = 0; i < 5; i++) {
 		lens[i] = parts[i] ? strlen(parts[i]) : 0;
 		if (lens[i] > 2048)
@@ -90,11 +92,12 @@ void zflow_emit(struct zworker *w, struct zflow *f, int type)
 	len = zring_align((uint32_t)(sizeof(*ev) + total));
 	ev = zring_reserve(&w->ring, len);
 	if (!ev)
-		return;
+		return -1;
 	memset(ev, 0, sizeof(*ev));
 	ev->h.len = len;
 	ev->h.type = (uint16_t)type;
 	ev->h.worker = (uint16_t)w->idx;
+	ev->fd = type == ZTUN_EV_ACCEPT ? f->deliver_fd : -1;
 	ev->conn_id = f->id;
 	ev->listener_id = f->l->id;
 	ev->reason = f->reason;
@@ -124,6 +127,7 @@ void zflow_emit(struct zworker *w, struct zflow *f, int type)
 	}
 	zring_commit(&w->ring, len);
 	zworker_wake_consumer(w);
+	return 0;
 }
 
 /* ---- closing ------------------------------------------------------------ */
@@ -141,9 +145,16 @@ static void rxq_free(struct zworker *w, struct zep *ep)
 
 void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, int up_how)
 {
+	int was = f->state;
+
 	if (f->state == FS_CLOSED)
 		return;
 	f->reason = (uint8_t)reason;
+	if (f->socks == SOCKS_WAITING) {
+		/* Tell the SOCKS5 client why, then a FIN so it reads the reply. */
+		zsocks_reply(w, f, 0, reason);
+		down_how = END_GRACEFUL;
+	}
 	zflow_set_state(f, FS_CLOSED);
 	clear_pending(f);
 	if (zlist_linked(&f->alink))
@@ -172,8 +183,14 @@ void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, i
 		zpipe_put(w, f->pipe[d]);
 		f->pipe[d] = NULL;
 	}
+	if (f->deliver_fd >= 0) {
+		close(f->deliver_fd);
+		f->deliver_fd = -1;
+	}
 	zstat_add(&w->stats.closed, 1);
 	zstat_add(&w->stats.reason[reason], 1);
+	if (f->request_id && was < FS_RELAY)
+		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE); /* the caller learns why it failed */
 	zflow_emit(w, f, ZTUN_EV_CONN_CLOSE);
 	w->nflows--;
 	zlist_add_tail(&w->zombies, &f->link);
@@ -191,6 +208,7 @@ static void flow_free(struct zflow *f)
 	free(f->trace);
 	free(f->baggage);
 	free(f->req);
+	ztls_expect_put(f->expect);
 	zlistener_put(f->l);
 	free(f);
 }
@@ -613,6 +631,9 @@ void zflow_start_relay(struct zworker *w, struct zflow *f)
 {
 	clear_pending(f);
 	zflow_set_state(f, FS_RELAY);
+	zsocks_reply(w, f, 1, ZTUN_CLOSE_OK);
+	if (f->request_id)
+		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE);
 	zflow_emit(w, f, ZTUN_EV_CONN_OPEN);
 	touch(w, f);
 	zflow_relay(w, f);
@@ -787,6 +808,7 @@ struct zflow *zflow_new(struct zworker *w, struct zlistener *l)
 	zlist_init(&f->plink);
 	zlist_init(&f->alink);
 	zlist_init(&f->wlink);
+	f->deliver_fd = -1;
 	for (int s = 0; s < 2; s++) {
 		f->ep[s].tag.kind = TAG_EP;
 		f->ep[s].side = (uint8_t)s;
@@ -799,6 +821,8 @@ struct zflow *zflow_new(struct zworker *w, struct zlistener *l)
 	zstat_add(&w->stats.opened, 1);
 	return f;
 }
+
+static void flow_begin(struct zworker *w, struct zflow *f);
 
 void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *src,
 		  socklen_t srclen)
@@ -818,6 +842,31 @@ void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct s
 	}
 	memcpy(&f->src, src, srclen < sizeof(f->src) ? srclen : sizeof(f->src));
 	f->ep[0].fd = fd;
+	flow_begin(w, f);
+}
+
+void zflow_adopt(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *target,
+		 uint64_t request_id)
+{
+	struct zflow *f = zflow_new(w, l);
+	socklen_t sl = sizeof(f->src);
+
+	if (!f) {
+		close(fd);
+		return;
+	}
+	f->request_id = request_id;
+	if (target && target->ss_family)
+		f->target = *target;
+	getpeername(fd, (struct sockaddr *)&f->src, &sl); /* AF_UNIX for a socketpair */
+	f->ep[0].fd = fd;
+	flow_begin(w, f);
+}
+
+static void flow_begin(struct zworker *w, struct zflow *f)
+{
+	struct zlistener *l = f->l;
+
 	f->ep[0].kind = EP_TCP;
 	if (zep_register(w, &f->ep[0]) < 0) {
 		f->sys_errno = errno;
@@ -834,9 +883,28 @@ void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct s
 		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
 		/* The client's hello is usually not here yet; the first EPOLLIN drives it. */
 		return;
+	case ZTUN_MODE_SOCKS5:
+		zflow_set_state(f, FS_PREAMBLE);
+		f->socks = SOCKS_GREETING;
+		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
+		return;
 	case ZTUN_MODE_HBONE_OUT:
+		if (l->flags & ZTUN_LISTENER_ORIGINAL_DST) {
+			struct sockaddr_storage dst;
+			int rc = zflow_original_dst(f->ep[0].fd, &dst);
+
+			if (rc < 0) {
+				f->sys_errno = -rc;
+				zflow_set_detail(f, "no original destination (SO_ORIGINAL_DST)");
+				zflow_close(w, f, ZTUN_CLOSE_CONNECT_ERROR, END_RESET, END_RESET);
+				return;
+			}
+			zflow_route(w, f, &dst);
+			return;
+		}
 		zflow_set_state(f, FS_CONNECTING);
-		f->target = l->target_len ? l->target : l->upstream;
+		if (!f->target.ss_family)
+			f->target = l->target_len ? l->target : l->upstream;
 		zflow_set_pending(w, f, w->e->cfg.connect_timeout_ms);
 		zh2_open_outbound(w, f);
 		return;
@@ -861,6 +929,8 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 
 	if (f->state == FS_CLOSED)
 		return; /* closed earlier in this batch */
+	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		ep->rdhup = 1;
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
 		ep->rd_ready = 1;
 		if (ep->wr_wants_rd) {
@@ -877,6 +947,10 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 	}
 
 	switch (f->state) {
+	case FS_PREAMBLE:
+		if (side == 0)
+			zsocks_on_readable(w, f);
+		return;
 	case FS_HANDSHAKE_IN:
 		if (side == 0)
 			drive_handshake(w, f, 0);
@@ -933,8 +1007,15 @@ void zflow_tick(struct zworker *w)
 			continue;
 		if (f->state == FS_CONNECTING) {
 			connect_failed(w, f, ETIMEDOUT);
+		} else if (f->state == FS_PREAMBLE) {
+			zflow_set_detail(f, "SOCKS5 negotiation timed out");
+			zworker_emit_log(w, ZTUN_LOG_INFO, "conn %llu: SOCKS5 negotiation timed out",
+					 (unsigned long long)f->id);
+			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		} else {
 			zflow_set_detail(f, "TLS handshake timed out");
+			zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake timed out",
+					 (unsigned long long)f->id);
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		}
 	}
@@ -962,6 +1043,34 @@ void zflow_shutdown_all(struct zworker *w, int reason)
 
 		zflow_close(w, f, reason, END_RESET, END_RESET);
 	}
+}
+
+void zflow_deliver(struct zworker *w, struct zflow *f)
+{
+	int sv[2];
+
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0) {
+		f->sys_errno = errno;
+		zflow_set_detail(f, "cannot create a socketpair for the caller");
+		zh2_upstream_result(w, f, 0);
+		zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_GRACEFUL, END_RESET);
+		return;
+	}
+	f->ep[1].fd = sv[0];
+	f->ep[1].kind = EP_TCP;
+	f->deliver_fd = sv[1];
+	if (zep_register(w, &f->ep[1]) < 0 || zflow_emit(w, f, ZTUN_EV_ACCEPT) < 0) {
+		/* The caller is not draining its events: refuse rather than pile up fds. */
+		zflow_set_detail(f, "accept queue full (the application is not accepting)");
+		zh2_upstream_result(w, f, 0);
+		zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_GRACEFUL, END_RESET);
+		return;
+	}
+	f->deliver_fd = -1; /* the caller owns it now */
+	f->ep[1].wr_ready = 1;
+	zflow_set_state(f, FS_CONNECTING);
+	zh2_upstream_result(w, f, 1);
+	zflow_start_relay(w, f);
 }
 
 void zflow_recheck_policy(struct zworker *w)

@@ -199,6 +199,16 @@ static void sync_done(struct zsync *s, int rc)
 	pthread_mutex_unlock(&s->mu);
 }
 
+static void cmd_refuse(struct zcmd *c)
+{
+	if (c->type == CMD_ADOPT) {
+		close(c->u.adopt.fd);
+		zlistener_put(c->u.adopt.l);
+	}
+	sync_done(c->sync, ZTUN_ECLOSED);
+	free(c);
+}
+
 static void worker_enqueue(struct zworker *w, struct zcmd *c)
 {
 	uint64_t one = 1;
@@ -206,6 +216,12 @@ static void worker_enqueue(struct zworker *w, struct zcmd *c)
 
 	c->next = NULL;
 	pthread_mutex_lock(&w->qlock);
+	if (w->exited) {
+		/* Nobody will run it: complete it now so no caller waits forever. */
+		pthread_mutex_unlock(&w->qlock);
+		cmd_refuse(c);
+		return;
+	}
 	if (w->qtail)
 		w->qtail->next = c;
 	else
@@ -265,6 +281,28 @@ static void worker_disarm_listeners(struct zworker *w)
 		epoll_ctl(w->epfd, EPOLL_CTL_DEL, w->listeners[i]->fd, NULL);
 }
 
+static void worker_snapshot(struct zworker *w, struct zsnap *s)
+{
+	pthread_mutex_lock(&s->mu);
+	for (struct zlist *it = w->flows.next; it != &w->flows; it = it->next) {
+		struct zflow *f = zlist_entry(it, struct zflow, link);
+
+		if (s->n < s->cap) {
+			struct ztun_conn_info *ci = &s->out[s->n];
+
+			ci->conn_id = f->id;
+			ci->listener_id = f->l->id;
+			ci->mode = (uint16_t)f->l->mode;
+			ci->state = f->state == FS_RELAY;
+			ci->bytes_down_up = f->bytes[0];
+			ci->bytes_up_down = f->bytes[1];
+			ci->start_ns = f->start_real;
+		}
+		s->n++;
+	}
+	pthread_mutex_unlock(&s->mu);
+}
+
 static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 {
 	int rc = 0;
@@ -309,6 +347,16 @@ static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 		zpolicy_put(w->policy);
 		w->policy = c->u.policy; /* the broadcaster took a reference for us */
 		zflow_recheck_policy(w);
+		break;
+	case CMD_ADOPT:
+		if (w->stopping)
+			close(c->u.adopt.fd);
+		else
+			zflow_adopt(w, c->u.adopt.l, c->u.adopt.fd, &c->u.adopt.target, c->u.adopt.request_id);
+		zlistener_put(c->u.adopt.l);
+		break;
+	case CMD_SNAPSHOT:
+		worker_snapshot(w, c->u.snap);
 		break;
 	case CMD_STOP:
 		if (!w->stopping) {
@@ -397,9 +445,28 @@ static void *worker_main(void *arg)
 
 	w->now = ztun_now_mono();
 	w->next_tick = w->now + TICK_NS;
+	uint64_t spin_ns = (uint64_t)w->e->cfg.spin_us * 1000, last_work = 0;
+
 	for (;;) {
-		int timeout = zlist_empty(&w->again) ? (int)(TICK_NS / 1000000) : 0;
-		int n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		int busy = !zlist_empty(&w->again) || !zlist_empty(&w->h2dirty);
+		int timeout = busy ? 0 : (int)(TICK_NS / 1000000);
+		int n;
+
+		/* Low-latency mode: right after some work, poll without sleeping for a
+		 * little while, so the next packet of a request/response exchange does not
+		 * pay for a thread wake-up. */
+		if (!busy && spin_ns && last_work) {
+			uint64_t until = last_work + spin_ns;
+
+			do
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, 0);
+			while (n == 0 && ztun_now_precise() < until);
+			if (n == 0)
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		} else {
+			n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		}
+		last_work = n > 0 && spin_ns ? ztun_now_precise() : 0;
 
 		w->now = ztun_now_mono();
 		for (int i = 0; i < n; i++) {
@@ -449,8 +516,20 @@ static void *worker_main(void *arg)
 			}
 		}
 	}
-	/* Commands that raced with the stop: complete them so no caller hangs. */
-	worker_run_cmds(w);
+	/* Commands that raced with the stop: refuse them, and every later one, so no
+	 * caller hangs. */
+	pthread_mutex_lock(&w->qlock);
+	w->exited = 1;
+	struct zcmd *c = w->qhead;
+
+	w->qhead = w->qtail = NULL;
+	pthread_mutex_unlock(&w->qlock);
+	while (c) {
+		struct zcmd *next = c->next;
+
+		cmd_refuse(c);
+		c = next;
+	}
 	return NULL;
 }
 
@@ -466,6 +545,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	w->idx = idx;
 	w->epfd = -1;
 	w->cmdfd = -1;
+	w->exited = 1; /* until started: commands are refused, never left waiting */
 	pthread_mutex_init(&w->qlock, NULL);
 	zlist_init(&w->flows);
 	zlist_init(&w->pending);
@@ -474,7 +554,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->h2s);
 	zlist_init(&w->h2dirty);
 	zlist_init(&w->h2zombies);
-	w->scratch = malloc(64 * 1024);
+	w->scratch = malloc(ZTUN_SCRATCH_BYTES);
 	if (!w->scratch)
 		return ZTUN_ENOMEM;
 	if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || (!w->rng[0] && !w->rng[1])) {
@@ -506,8 +586,7 @@ static void worker_destroy(struct zworker *w)
 	while (c) {
 		struct zcmd *next = c->next;
 
-		sync_done(c->sync, ZTUN_ECLOSED);
-		free(c);
+		cmd_refuse(c);
 		c = next;
 	}
 	for (int i = 0; i < w->nlisteners; i++)
@@ -552,6 +631,7 @@ int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out)
 	e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	pthread_mutex_init(&e->ev_lock, NULL);
 	pthread_mutex_init(&e->lock, NULL);
+	pthread_mutex_init(&e->dir_lock, NULL);
 	atomic_store(&e->ev_armed, 1);
 	atomic_store(&e->next_conn_id, 1);
 	atomic_store(&e->next_listener_id, 1);
@@ -594,9 +674,13 @@ int ztun_engine_start(ztun_engine *e)
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (int i = 0; i < e->nworkers; i++) {
-		int err = pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]);
+		int err;
+
+		e->workers[i].exited = 0;
+		err = pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]);
 
 		if (err) {
+			e->workers[i].exited = 1;
 			rc = -err;
 			break;
 		}
@@ -631,6 +715,14 @@ int ztun_engine_stop(ztun_engine *e, uint32_t drain_ms)
 			e->workers[i].started = 0;
 		}
 	}
+	/* Listening sockets stop accepting now (new connections are refused), even
+	 * if the engine's memory is released later. */
+	pthread_mutex_lock(&e->lock);
+	for (int i = 0; i < e->nlisteners; i++) {
+		if (e->listeners[i]->fd >= 0)
+			shutdown(e->listeners[i]->fd, SHUT_RDWR);
+	}
+	pthread_mutex_unlock(&e->lock);
 	/* Wake any event consumer so it sees the final records. */
 	atomic_store(&e->ev_armed, 1);
 	if (e->nworkers)
@@ -652,6 +744,8 @@ void ztun_engine_free(ztun_engine *e)
 		zlistener_put(e->listeners[i]);
 	free(e->listeners);
 	zpolicy_put(e->policy);
+	zdir_put(e->dir);
+	pthread_mutex_destroy(&e->dir_lock);
 	if (e->evfd >= 0)
 		close(e->evfd);
 	pthread_mutex_destroy(&e->ev_lock);
@@ -682,7 +776,7 @@ static int make_listen_socket(const struct ztun_listener_spec *s, int *out)
 
 static int valid_mode(int mode)
 {
-	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_HBONE_OUT;
+	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_SOCKS5;
 }
 
 int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *spec, uint32_t *id,
@@ -691,17 +785,24 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	struct zlistener *l;
 	struct zcmd add = {.type = CMD_ADD_LISTENER};
 	int fd = -1, rc;
+	/* SOCKS5 may route over HBONE: it needs the identity too. */
 	int need_tls = spec->mode != ZTUN_MODE_FORWARD;
 
 	if (!valid_mode(spec->mode) || (need_tls && !spec->tls))
 		return ZTUN_EINVAL;
-	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->upstream_len == 0 &&
-	    !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
+	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->mode != ZTUN_MODE_SOCKS5 &&
+	    spec->upstream_len == 0 && !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
+		return ZTUN_EINVAL;
+	if ((spec->flags & ZTUN_LISTENER_VIRTUAL) && spec->mode == ZTUN_MODE_HBONE_IN)
+		return ZTUN_EINVAL;
+	if ((spec->flags & ZTUN_LISTENER_DELIVER) && spec->mode != ZTUN_MODE_HBONE_IN)
 		return ZTUN_EINVAL;
 	if (spec->nexpect < 0 || (spec->nexpect > 0 && !spec->expect) || spec->nworkload_ips < 0 ||
 	    (spec->nworkload_ips > 0 && !spec->workload_ips))
 		return ZTUN_EINVAL;
-	if (spec->fd >= 0) {
+	if (spec->flags & ZTUN_LISTENER_VIRTUAL) {
+		fd = -1;
+	} else if (spec->fd >= 0) {
 		fd = fcntl(spec->fd, F_DUPFD_CLOEXEC, 0);
 		if (fd < 0)
 			return -errno;
@@ -751,7 +852,10 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 		l->nworkload_ips = (uint32_t)spec->nworkload_ips;
 	}
 	l->local_len = sizeof(l->local);
-	getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	if (fd >= 0)
+		getsockname(fd, (struct sockaddr *)&l->local, &l->local_len);
+	else
+		l->local_len = 0;
 	l->id = atomic_fetch_add(&e->next_listener_id, 1);
 
 	pthread_mutex_lock(&e->lock);
@@ -776,7 +880,7 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	pthread_mutex_unlock(&e->lock);
 
 	add.u.listener = l;
-	rc = broadcast(e, &add, 1);
+	rc = (l->flags & ZTUN_LISTENER_VIRTUAL) ? 0 : broadcast(e, &add, 1);
 	if (rc) {
 		ztun_engine_remove_listener(e, l->id);
 		return rc;
@@ -815,10 +919,59 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
 	if (!l)
 		return ZTUN_ENOTFOUND;
 	del.u.listener = l;
-	broadcast(e, &del, 1);
-	/* Close the socket now (a listener with live connections keeps its config). */
-	shutdown(l->fd, SHUT_RDWR);
+	if (l->fd >= 0) {
+		broadcast(e, &del, 1);
+		/* Close the socket now (a listener with live connections keeps its config). */
+		shutdown(l->fd, SHUT_RDWR);
+	}
 	zlistener_put(l);
+	return 0;
+}
+
+int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
+		      uint64_t request_id)
+{
+	struct zlistener *l = NULL;
+	struct zcmd *c;
+	int rc = 0;
+
+	if (fd < 0)
+		return ZTUN_EINVAL;
+	pthread_mutex_lock(&e->lock);
+	if (e->state != 1) {
+		rc = ZTUN_ECLOSED;
+	} else {
+		for (int i = 0; i < e->nlisteners; i++) {
+			if (e->listeners[i]->id == listener_id) {
+				l = e->listeners[i];
+				zlistener_get(l);
+				break;
+			}
+		}
+		if (!l)
+			rc = ZTUN_ENOTFOUND;
+		else if (!(l->flags & ZTUN_LISTENER_VIRTUAL))
+			rc = ZTUN_EINVAL;
+	}
+	pthread_mutex_unlock(&e->lock);
+	if (rc) {
+		if (l)
+			zlistener_put(l);
+		return rc;
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		zlistener_put(l);
+		return ZTUN_ENOMEM;
+	}
+	c->type = CMD_ADOPT;
+	c->u.adopt.l = l;
+	c->u.adopt.fd = fd;
+	c->u.adopt.request_id = request_id;
+	if (target)
+		c->u.adopt.target = *target;
+	/* Spread adopted connections over the workers. */
+	worker_enqueue(&e->workers[atomic_fetch_add(&e->rr, 1) % (uint32_t)e->nworkers], c);
 	return 0;
 }
 
@@ -839,6 +992,8 @@ int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx)
 		old = l->tls;
 		l->tls = ztun_tls_ctx_ref(ctx);
 		pthread_mutex_unlock(&l->tls_lock);
+		/* A session made with the old certificate or trust must not be resumed. */
+		ztls_slot_clear(&l->slot);
 		ztun_tls_ctx_free(old);
 		rc = 0;
 		break;
@@ -875,6 +1030,19 @@ int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
 	set.u.policy = ref;
 	rc = broadcast(e, &set, 1);
 	zpolicy_put(old);
+	return rc;
+}
+
+int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n)
+{
+	struct zsnap s = {.out = out, .cap = cap};
+	struct zcmd cmd = {.type = CMD_SNAPSHOT, .u.snap = &s};
+	int rc;
+
+	pthread_mutex_init(&s.mu, NULL);
+	rc = broadcast(e, &cmd, 1);
+	pthread_mutex_destroy(&s.mu);
+	*n = s.n;
 	return rc;
 }
 

@@ -56,6 +56,19 @@ struct zpolicy *zpolicy_new(ztun_policy *table);
 void zpolicy_get(struct zpolicy *p);
 void zpolicy_put(struct zpolicy *p);
 
+/* The destination directory (outbound.c), sorted by address, shared read-only. */
+struct zdirent {
+	uint8_t ip[16];
+	struct ztls_expect *expect; /* NULL: passthrough */
+	struct sockaddr_storage via;
+};
+struct zdir {
+	_Atomic int refs;
+	uint32_t n;
+	struct zdirent *v;
+};
+void zdir_put(struct zdir *d);
+
 /* Counters each worker updates with relaxed atomics; summed on read. */
 struct zstats {
 	_Atomic uint64_t bytes[2]; /* [0] down->up, [1] up->down */
@@ -85,6 +98,15 @@ enum zcmd_type {
 	CMD_PAUSE_ACCEPT,
 	CMD_SET_POLICY,
 	CMD_STOP,
+	CMD_ADOPT,
+	CMD_SNAPSHOT,
+};
+
+/* A snapshot of live connections being filled by the workers. */
+struct zsnap {
+	pthread_mutex_t mu;
+	struct ztun_conn_info *out;
+	size_t cap, n;
 };
 
 /* A caller waiting for every worker to run a broadcast command. */
@@ -103,10 +125,28 @@ struct zcmd {
 		struct zlistener *listener;
 		struct zpolicy *policy;
 		uint32_t drain_ms;
+		struct zsnap *snap;
+		struct {
+			struct zlistener *l; /* a reference for the worker */
+			int fd;
+			uint64_t request_id;
+			struct sockaddr_storage target;
+		} adopt;
 	} u;
 };
 
 struct zpipe;
+struct zflow;
+
+/* HBONE: received DATA chunks not yet written, pointing into the read buffer. */
+#define ZTUN_STAGE_MAX 64
+#define ZTUN_SCRATCH_BYTES (256u * 1024)
+struct zstage {
+	struct zflow *f;
+	const uint8_t *p;
+	uint32_t len;
+	int32_t sid;
+};
 
 struct zworker {
 	struct ztun_engine *e;
@@ -118,6 +158,7 @@ struct zworker {
 	struct ztag cmd_tag;
 	pthread_mutex_t qlock;
 	struct zcmd *qhead, *qtail;
+	int exited; /* under qlock: the loop ended, commands are refused */
 
 	struct zpool pool;
 	struct zpipe *pipes;  /* free splice pipes */
@@ -139,6 +180,8 @@ struct zworker {
 	struct zlist h2dirty;   /* ... with output to produce */
 	struct zlist h2zombies; /* ... closed, freed after the batch */
 	char *scratch;          /* TLS read buffer for HTTP/2 input */
+	struct zstage stage[ZTUN_STAGE_MAX];
+	uint32_t nstage;
 	uint64_t rng[2];        /* trace ids */
 
 	struct zpolicy *policy; /* this worker's reference, NULL: no policy */
@@ -164,6 +207,8 @@ struct ztun_engine {
 	struct zlistener **listeners;
 	int nlisteners, caplisteners;
 	struct zpolicy *policy;
+	pthread_mutex_t dir_lock;
+	struct zdir *dir;
 	int state;               /* 0 new, 1 running, 2 stopped */
 };
 
@@ -186,6 +231,8 @@ void zflow_tick(struct zworker *w);
 void zflow_reap(struct zworker *w);
 void zflow_shutdown_all(struct zworker *w, int reason);
 void zflow_recheck_policy(struct zworker *w);
+void zflow_adopt(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *target,
+		 uint64_t request_id);
 void zpipe_pool_destroy(struct zworker *w);
 
 #endif

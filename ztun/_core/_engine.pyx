@@ -49,8 +49,11 @@ MODE_TLS_OUT = cztun.ZTUN_MODE_TLS_OUT
 MODE_TLS_IN = cztun.ZTUN_MODE_TLS_IN
 MODE_HBONE_IN = cztun.ZTUN_MODE_HBONE_IN
 MODE_HBONE_OUT = cztun.ZTUN_MODE_HBONE_OUT
+MODE_SOCKS5 = cztun.ZTUN_MODE_SOCKS5
 LISTENER_POLICY = cztun.ZTUN_LISTENER_POLICY
 LISTENER_ORIGINAL_DST = cztun.ZTUN_LISTENER_ORIGINAL_DST
+LISTENER_VIRTUAL = cztun.ZTUN_LISTENER_VIRTUAL
+LISTENER_DELIVER = cztun.ZTUN_LISTENER_DELIVER
 TLS_CHACHA20 = cztun.ZTUN_TLS_CHACHA20
 TLS_RESUMPTION = cztun.ZTUN_TLS_RESUMPTION
 TLS_ANY_TRUST_DOMAIN = cztun.ZTUN_TLS_ANY_TRUST_DOMAIN
@@ -61,6 +64,13 @@ EV_CONNECT_DONE = cztun.ZTUN_EV_CONNECT_DONE
 EVMASK_OPEN = cztun.ZTUN_EVMASK_OPEN
 EVMASK_CLOSE = cztun.ZTUN_EVMASK_CLOSE
 EVMASK_LOG = cztun.ZTUN_EVMASK_LOG
+
+_EV_NAMES = {
+    cztun.ZTUN_EV_CONN_OPEN: "open",
+    cztun.ZTUN_EV_CONN_CLOSE: "close",
+    cztun.ZTUN_EV_CONNECT_DONE: "connect_done",
+    cztun.ZTUN_EV_ACCEPT: "accept",
+}
 
 CLOSE_REASONS = tuple(
     cztun.ztun_close_reason_name(i).decode() for i in range(cztun.ZTUN_CLOSE__COUNT)
@@ -229,7 +239,8 @@ cdef object _parse_event(const char *p):
     cdef const cztun.ztun_event_conn *c
     cdef const cztun.ztun_event_log *lg
     cdef const char *tail
-    if h.type == cztun.ZTUN_EV_CONN_OPEN or h.type == cztun.ZTUN_EV_CONN_CLOSE:
+    if h.type in (cztun.ZTUN_EV_CONN_OPEN, cztun.ZTUN_EV_CONN_CLOSE, cztun.ZTUN_EV_CONNECT_DONE,
+                  cztun.ZTUN_EV_ACCEPT):
         c = <const cztun.ztun_event_conn *>p
         tail = p + sizeof(cztun.ztun_event_conn)
         off = 0
@@ -239,7 +250,8 @@ cdef object _parse_event(const char *p):
             off += n
         peer, detail, local, trace, baggage = strs
         return {
-            "type": "open" if h.type == cztun.ZTUN_EV_CONN_OPEN else "close",
+            "type": _EV_NAMES[h.type],
+            "fd": c.fd,
             "worker": h.worker,
             "conn_id": c.conn_id,
             "listener_id": c.listener_id,
@@ -281,14 +293,17 @@ cdef class Engine:
     cdef cztun.ztun_engine *_e
     cdef object _tls_keep   # listener id -> TlsContext, so contexts outlive their use
     cdef bytearray _evbuf
+    cdef bint _closed
 
     def __cinit__(self):
         self._e = NULL
+        self._closed = False
 
     def __init__(self, int workers=0, uint32_t connect_timeout_ms=0,
                  uint32_t handshake_timeout_ms=0, uint32_t idle_timeout_ms=0,
                  uint32_t event_ring_bytes=0, uint32_t buf_small=0, uint32_t buf_large=0,
-                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0):
+                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0,
+                 uint32_t spin_us=0):
         cdef cztun.ztun_engine_config cfg
         cdef int rc
         if workers < 0 or workers > 256:
@@ -303,6 +318,7 @@ cdef class Engine:
         cfg.buf_large = buf_large
         cfg.events = events
         cfg.splice_pipe = splice_pipe
+        cfg.spin_us = spin_us
         with nogil:
             rc = cztun.ztun_engine_new(&cfg, &self._e)
         _check(rc, "engine")
@@ -316,7 +332,7 @@ cdef class Engine:
             self._e = NULL
 
     cdef int _alive(self) except -1:
-        if self._e == NULL:
+        if self._e == NULL or self._closed:
             raise EngineError(-10008, "engine is closed")
         return 0
 
@@ -344,10 +360,14 @@ cdef class Engine:
             cztun.ztun_engine_stop(self._e, drain_ms)
 
     def close(self) -> None:
-        if self._e != NULL:
-            with nogil:
-                cztun.ztun_engine_free(self._e)
-            self._e = NULL
+        """Stop the workers and close the listening sockets. The memory is released
+        when the object goes away, so a call racing with close() on another thread
+        fails cleanly instead of touching freed memory."""
+        if self._e == NULL or self._closed:
+            return
+        self._closed = True
+        with nogil:
+            cztun.ztun_engine_stop(self._e, 0)
         self._tls_keep = {}
 
     def add_listener(self, int mode, object bind=None, object upstream=None, *,
@@ -372,7 +392,7 @@ cdef class Engine:
         spec.backlog = backlog
         spec.workload = workload
         spec.flags = flags
-        if fd < 0:
+        if fd < 0 and not (flags & cztun.ZTUN_LISTENER_VIRTUAL):
             if bind is None:
                 raise ValueError("listen: an address or a listening socket is required")
             spec.bind_len = _to_sockaddr(bind, &spec.bind, "listen")
@@ -426,6 +446,51 @@ cdef class Engine:
         _check(rc, f"listener {listener_id}")
         self._tls_keep[listener_id] = tls
 
+    def adopt(self, uint32_t listener_id, int fd, object target=None,
+              uint64_t request_id=0) -> None:
+        """Hand a connected stream socket (the engine owns fd afterwards) to a virtual
+        listener; a "connect_done" event with request_id reports the outcome."""
+        cdef sockaddr_storage ss
+        cdef sockaddr_storage *ptarget = NULL
+        cdef int rc
+        self._alive()
+        if target is not None:
+            _to_sockaddr(target, &ss, "target")
+            ptarget = &ss
+        with nogil:
+            rc = cztun.ztun_engine_adopt(self._e, listener_id, fd, ptarget, request_id)
+        _check(rc, f"listener {listener_id}")
+
+    def set_directory(self, entries) -> None:
+        """Replace the directory of mesh destinations: (ip, spiffe_id or None, via or None)."""
+        cdef list rows = list(entries)
+        cdef int n = len(rows), i, rc
+        cdef cztun.ztun_dir_entry *v = NULL
+        self._alive()
+        keep = []
+        v = <cztun.ztun_dir_entry *>malloc((n if n else 1) * sizeof(cztun.ztun_dir_entry))
+        if v == NULL:
+            raise MemoryError()
+        try:
+            memset(v, 0, (n if n else 1) * sizeof(cztun.ztun_dir_entry))
+            for i in range(n):
+                ip, ident, via = rows[i]
+                addr = ipaddress.ip_address(ip)
+                packed = (ipaddress.IPv6Address(f"::ffff:{addr}").packed if addr.version == 4
+                          else addr.packed)
+                memcpy(v[i].ip, <const char *>packed, 16)
+                if ident is not None:
+                    b = ident.encode()
+                    keep.append(b)
+                    v[i].identity = b
+                if via is not None:
+                    _to_sockaddr(via, &v[i].via, "via")
+            with nogil:
+                rc = cztun.ztun_engine_set_directory(self._e, v, n)
+        finally:
+            free(v)
+        _check(rc, "directory")
+
     def pause_accept(self) -> None:
         cdef int rc
         self._alive()
@@ -439,6 +504,30 @@ cdef class Engine:
         with nogil:
             cztun.ztun_engine_stats(self._e, &s)
         return _stats_dict(&s)
+
+    def connections(self) -> list:
+        """Live connections: (conn_id, listener_id, mode, relaying, bytes_down_up,
+        bytes_up_down, start_ns) tuples, read from every worker."""
+        cdef size_t cap = 1024, n = 0
+        cdef cztun.ztun_conn_info *v = NULL
+        cdef int rc
+        self._alive()
+        while True:
+            v = <cztun.ztun_conn_info *>malloc(cap * sizeof(cztun.ztun_conn_info))
+            if v == NULL:
+                raise MemoryError()
+            with nogil:
+                rc = cztun.ztun_engine_connections(self._e, v, cap, &n)
+            if rc < 0 or n <= cap:
+                break
+            free(v)
+            cap = n + n // 4 + 16
+        try:
+            _check(rc, "connections")
+            return [(v[i].conn_id, v[i].listener_id, v[i].mode, bool(v[i].state),
+                     v[i].bytes_down_up, v[i].bytes_up_down, v[i].start_ns) for i in range(n)]
+        finally:
+            free(v)
 
     def read_events(self) -> list:
         """Drain pending events (a batch); empty list when none."""

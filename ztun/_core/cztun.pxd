@@ -51,6 +51,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint32_t buf_large
         uint32_t events
         uint32_t splice_pipe
+        uint32_t spin_us
 
     enum:
         ZTUN_MODE_FORWARD
@@ -58,8 +59,12 @@ cdef extern from "ztun/engine.h" nogil:
         ZTUN_MODE_TLS_IN
         ZTUN_MODE_HBONE_IN
         ZTUN_MODE_HBONE_OUT
+        ZTUN_MODE_SOCKS5
         ZTUN_LISTENER_POLICY
         ZTUN_LISTENER_ORIGINAL_DST
+        ZTUN_LISTENER_VIRTUAL
+        ZTUN_LISTENER_DELIVER
+        ZTUN_EV_ACCEPT
         ZTUN_CLOSE__COUNT
         ZTUN_EV_PAD
         ZTUN_EV_CONN_OPEN
@@ -141,6 +146,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint16_t local_id_len
         uint16_t trace_len
         uint16_t baggage_len
+        int32_t fd
 
     struct ztun_event_log:
         ztun_event_hdr h
@@ -157,9 +163,25 @@ cdef extern from "ztun/engine.h" nogil:
     int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
     int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx)
     int ztun_engine_pause_accept(ztun_engine *e)
+    int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd,
+                          const sockaddr_storage *target, uint64_t request_id)
     int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
+    struct ztun_dir_entry:
+        unsigned char ip[16]
+        const char *identity
+        sockaddr_storage via
+    int ztun_engine_set_directory(ztun_engine *e, const ztun_dir_entry *entries, int n)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)
+    struct ztun_conn_info:
+        uint64_t conn_id
+        uint32_t listener_id
+        uint16_t mode
+        uint16_t state
+        uint64_t bytes_down_up
+        uint64_t bytes_up_down
+        uint64_t start_ns
+    int ztun_engine_connections(ztun_engine *e, ztun_conn_info *out, size_t cap, size_t *n)
     int ztun_engine_event_fd(const ztun_engine *e)
     int ztun_engine_read_events(ztun_engine *e, void *buf, size_t len, size_t *used)
     int ztun_engine_arm_events(ztun_engine *e)

@@ -33,6 +33,7 @@ struct ztun_engine_config {
 	uint32_t events;               /* ZTUN_EVMASK_* bits: which events to emit */
 	uint32_t splice_pipe;          /* TCP-to-TCP legs: splice(2) through pipes of this
 	                                * many bytes; 0: copy through buffers */
+	uint32_t spin_us;              /* after work, poll this long before sleeping; 0: never */
 };
 
 /* What a listener does with the connections it accepts. */
@@ -42,6 +43,7 @@ enum ztun_listener_mode {
 	ZTUN_MODE_TLS_IN = 3,  /* mutual TLS in (server side), plaintext to the upstream */
 	ZTUN_MODE_HBONE_IN = 4,  /* mutual TLS + HTTP/2 CONNECT in, plaintext to the authority */
 	ZTUN_MODE_HBONE_OUT = 5, /* plaintext in, HTTP/2 CONNECT over pooled mutual TLS out */
+	ZTUN_MODE_SOCKS5 = 6,    /* plaintext SOCKS5 in; the destination is routed (directory) */
 };
 
 struct ztun_listener_spec {
@@ -76,6 +78,11 @@ enum {
 	ZTUN_LISTENER_POLICY = 1u << 0,
 	/* Take the original destination from SO_ORIGINAL_DST (transparent capture). */
 	ZTUN_LISTENER_ORIGINAL_DST = 1u << 1,
+	/* No socket: connections are handed in with ztun_engine_adopt(). */
+	ZTUN_LISTENER_VIRTUAL = 1u << 2,
+	/* HBONE_IN: instead of dialing the authority, hand each accepted stream to the
+	 * caller as one end of a socketpair (a ZTUN_EV_ACCEPT event carries the fd). */
+	ZTUN_LISTENER_DELIVER = 1u << 3,
 };
 
 int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out);
@@ -95,10 +102,42 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id);
 int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx);
 /* Stop accepting on every listener but keep live connections (drain begins). */
 int ztun_engine_pause_accept(ztun_engine *e);
+/* Carry an already-connected stream socket (e.g. a socketpair end) through a
+ * VIRTUAL listener as if it had been accepted there. The engine owns fd from now
+ * on. target (may be NULL) overrides the listener's target (HBONE authority).
+ * When the tunnel is up or has failed, a ZTUN_EV_CONNECT_DONE event carries
+ * request_id with the outcome. */
+int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
+		      uint64_t request_id);
 
 /* Policy: the engine takes ownership of the table (NULL removes policy). Live
  * connections are re-checked against the new table and newly denied ones closed. */
 int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table);
+
+/* The directory: which destination addresses are mesh workloads. Outbound
+ * connections with a per-connection destination (SOCKS5, ORIGINAL_DST) to a listed
+ * address go over HBONE to its hop expecting its identity; any other address gets
+ * a plain connection (passthrough). Replaces the whole directory atomically. */
+struct ztun_dir_entry {
+	uint8_t ip[16];              /* the workload's address (IPv4 as ::ffff:a.b.c.d) */
+	const char *identity;        /* its SPIFFE ID; NULL: not in the mesh (passthrough) */
+	struct sockaddr_storage via; /* its HBONE listener; family 0: the address itself, :15008 */
+};
+int ztun_engine_set_directory(ztun_engine *e, const struct ztun_dir_entry *entries, int n);
+
+/* Live connections, for metrics of connections that have not finished yet. */
+struct ztun_conn_info {
+	uint64_t conn_id;
+	uint32_t listener_id;
+	uint16_t mode;
+	uint16_t state;          /* 0: setting up, 1: relaying */
+	uint64_t bytes_down_up;
+	uint64_t bytes_up_down;
+	uint64_t start_ns;       /* CLOCK_REALTIME */
+};
+/* Copy up to cap live connections into out; *n receives how many there are in all
+ * (may exceed cap). Costs one round trip through every worker. */
+int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n);
 
 /* Counters. Sums over all workers, read with relaxed atomics. */
 enum ztun_close_reason {
@@ -154,6 +193,7 @@ enum ztun_event_type {
 	ZTUN_EV_CONN_CLOSE = 2,  /* a connection finished (the access-log record) */
 	ZTUN_EV_LOG = 3,         /* a log line from the engine */
 	ZTUN_EV_CONNECT_DONE = 4, /* an adopted connection's result (request id, status) */
+	ZTUN_EV_ACCEPT = 5,       /* DELIVER listeners: a tunnelled connection for the caller (fd) */
 };
 enum {
 	ZTUN_EVMASK_OPEN = 1u << 0,
@@ -192,7 +232,8 @@ struct ztun_event_conn {
 	uint16_t local_id_len;       /* our own SPIFFE ID on this connection */
 	uint16_t trace_len;          /* HBONE: traceparent */
 	uint16_t baggage_len;        /* HBONE: baggage received */
-	uint16_t _pad[3];
+	uint16_t _pad;
+	int32_t fd;                  /* ACCEPT: the caller's end of the socketpair */
 	/* followed by peer_id, detail, local_id, trace and baggage bytes (no NULs) */
 };
 struct ztun_event_log {
