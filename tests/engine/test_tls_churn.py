@@ -1,8 +1,9 @@
 """Connection churn through an mTLS pair (forward(expect=...) -> listen(), in-process): many
 clients at once, each connection a handshake and a one-byte exchange each way. Found by the
-handshake-rate benchmark: some connections stall for good (seen with resumption on and off;
-on, it happens within seconds). The same clients and server through a plaintext forward are
-the control: they never stall, so the stall is not the test's own threads."""
+handshake-rate benchmark: some connections stalled for good (the answer stranded in
+OpenSSL's read-ahead buffer until the next socket event; fixed in 7d12e0a). With resumption
+on it happened within 1-8 s, off less often. The same clients and server through a plaintext
+forward are the control: the test's own threads never stall a connection."""
 
 from __future__ import annotations
 
@@ -123,19 +124,14 @@ def _churn(
 
 
 def test_plaintext_churn_never_stalls(ca, one_byte_dest):
-    """The control: the same 8 clients and server, a plaintext forward, 10 s."""
-    done, stalls = _churn(ca, one_byte_dest, resumption=None, budget=10)
+    """The control: the same 8 clients and server, a plaintext forward."""
+    done, stalls = _churn(ca, one_byte_dest, resumption=None, budget=5)
     assert done > 1000
     assert not stalls, stalls
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: 8 concurrent clients through an mTLS pair: a connection stalls for "
-    "good after its handshake (~1 in 1,000-2,000; with resumption on within 1-8 s; also with "
-    "resumption off, less often); the plaintext forward never does",
-)
-def test_mtls_churn_with_resumption_never_stalls(ca, one_byte_dest):
-    done, stalls = _churn(ca, one_byte_dest, resumption=True, budget=20)
+@pytest.mark.parametrize("resumption", [True, False], ids=["resumption", "full_handshakes"])
+def test_mtls_churn_never_stalls(ca, one_byte_dest, resumption):
+    done, stalls = _churn(ca, one_byte_dest, resumption=resumption, budget=10)
     assert done > 100
     assert not stalls, stalls
