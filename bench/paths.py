@@ -467,8 +467,8 @@ def ztun_mtls_full(dest: Addr, ctx: PathContext) -> PathHandle:
 
 @path(
     "ztun_hbone",
-    description="ztun HBONE pair: HBONE_OUT -> HTTP/2 CONNECT over pooled mTLS -> HBONE_IN "
-    "(engine binding), two processes",
+    description="ztun HBONE pair: forward(expect=..., via=hop) -> HTTP/2 CONNECT over pooled "
+    "mTLS -> serve(deliver=False), two processes",
     requires=_ztun_missing,
 )
 def ztun_hbone(dest: Addr, ctx: PathContext) -> PathHandle:

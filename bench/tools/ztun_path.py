@@ -10,10 +10,10 @@ line (the benchmarks read handshake and resumption counts that way).
   ztun_path.py hbone-out   --to H:P --target H:P --expect ID --cert C --key K --ca CA
   ztun_path.py hbone-in    --workload IP        --cert C --key K --ca CA
 
-forward / mtls-* use the public ``ztun.Tunnel`` API (``forward``, ``forward(expect=...)``,
-``listen``). The HBONE ends use the engine binding (``ztun._core._engine``: HBONE_OUT to
-the peer's HBONE port, CONNECT target = the destination; HBONE_IN serving ``--workload``)
-until Tunnel exposes them. Exit code 3: ztun is not importable.
+Every role uses the public ``ztun.Tunnel`` API: ``forward``, ``forward(expect=...)``,
+``listen``, ``forward(expect=..., via=HBONE hop)`` (HTTP/2 CONNECT to ``--target`` over
+pooled mTLS) and ``serve(workloads=..., deliver=False)`` (the HBONE server dials the CONNECT
+authority itself, as a node proxy does). Exit code 3: ztun is not importable.
 """
 
 from __future__ import annotations
@@ -51,63 +51,32 @@ def main() -> int:
     a = ap.parse_args()
     try:
         from ztun import Svid, TrustBundle, Tunnel
-        from ztun._core import _engine
     except ImportError as e:
         print(f"UNAVAILABLE {e}", flush=True)
         return 3
 
     listen = _addr(a.listen)
-    stats: Any
-    closer: Any
     if a.role == "forward":
         t = Tunnel(workers=a.workers, access_log=False).start()
         port = t.forward(listen=listen, to=_addr(a.to)).address[1]
-        stats, closer = (lambda: _tunnel_stats(t)), t.close
-    elif a.role.startswith("mtls"):
-        svid = Svid.from_files(a.cert, a.key)
-        trust = TrustBundle.from_file(TRUST_DOMAIN, a.ca)
+    else:
         t = Tunnel(
-            identity=svid,
-            trust=trust,
+            identity=Svid.from_files(a.cert, a.key),
+            trust=TrustBundle.from_file(TRUST_DOMAIN, a.ca),
             workers=a.workers,
             resumption=not a.no_resume,
             access_log=False,
         ).start()
         if a.role == "mtls-client":
             port = t.forward(listen=listen, to=_addr(a.to), expect=[a.expect]).address[1]
-        else:
+        elif a.role == "mtls-server":
             port = t.listen(listen, _addr(a.to)).address[1]
-        stats, closer = (lambda: _tunnel_stats(t)), t.close
-    else:
-        with open(a.cert, "rb") as f:
-            chain = f.read()
-        with open(a.key, "rb") as f:
-            key = f.read()
-        with open(a.ca, "rb") as f:
-            ca = f.read()
-        flags = 0 if a.no_resume else _engine.TLS_RESUMPTION
-        tls = _engine.TlsContext(chain, key, {TRUST_DOMAIN: ca}, flags=flags)
-        e = _engine.Engine(workers=a.workers, events=0)
-        e.start()
-        if a.role == "hbone-out":
-            _, bound = e.add_listener(
-                _engine.MODE_HBONE_OUT,
-                listen,
-                _addr(a.to),
-                tls=tls,
-                target=_addr(a.target),
-                expect=[a.expect],
-            )
+        elif a.role == "hbone-out":
+            fwd = t.forward(listen=listen, to=_addr(a.target), expect=[a.expect], via=_addr(a.to))
+            port = fwd.address[1]
         else:
-            _, bound = e.add_listener(
-                _engine.MODE_HBONE_IN, listen, None, tls=tls, workload_ips=[a.workload]
-            )
-        port = bound[1]
-        stats = e.stats
-
-        def closer() -> None:
-            e.stop()
-            e.close()
+            port = t.serve(listen, workloads=[a.workload], deliver=False).address[1]
+    stats, closer = (lambda: _tunnel_stats(t)), t.close
 
     print("READY", port, flush=True)
     stop = threading.Event()
