@@ -311,10 +311,16 @@ int ztun_sockops(struct bpf_sock_ops *ops)
 	return 1;
 }
 
-/* What the verdict needs to know about one socket, read with CO-RE from its tcp_sock. */
+/*
+ * What the verdict needs to know about one socket, read with CO-RE from its tcp_sock.
+ * "Everything X wrote has arrived at its peer Y" is X.write_seq == Y.rcv_nxt (one sequence
+ * space), which unlike snd_una does not wait for a (possibly delayed) ACK; rcv_nxt only
+ * moves when in-order data is queued, never for data parked in a backlog.
+ */
 struct sock_view {
-	__u32 unacked;    /* sent (or queued) but not acknowledged by the peer */
-	__u32 unread_tcp; /* in the TCP receive queue, not yet read by the owner */
+	__u32 write_seq;  /* end of what the owner has written */
+	__u32 rcv_nxt;    /* end of what has arrived in order */
+	__u32 copied_seq; /* end of what the owner has read */
 	__u32 ingress;    /* redirected bytes not yet read by the owner */
 	__u32 cap;        /* ingress bound for this socket */
 };
@@ -356,8 +362,9 @@ static __always_inline void view_tcp(struct tcp_sock *tp, struct sock_view *v)
 	struct sock *sk = &tp->inet_conn.icsk_inet.sk;
 	int rcvbuf = sk->sk_rcvbuf;
 
-	v->unacked = tp->write_seq - tp->snd_una;
-	v->unread_tcp = tp->rcv_nxt - tp->copied_seq;
+	v->write_seq = tp->write_seq;
+	v->rcv_nxt = tp->rcv_nxt;
+	v->copied_seq = tp->copied_seq;
 	v->ingress = psock_ingress(sk);
 	v->cap = rcvbuf > 0 && (__u32)rcvbuf > ingress_cap ? (__u32)rcvbuf : ingress_cap;
 }
@@ -390,36 +397,33 @@ static __always_inline int view_key(struct ztun_sock_key *k, struct sock_view *v
 
 enum { TRY_REDIRECTED = 0, TRY_ORDER = 1, TRY_CAP = 2, TRY_MISS = 3 };
 
-/*
- * Same-node pair: sender -> target directly, only if the relay path is empty, checked in
- * the order bytes flow through it (each stage is fed only by the one before, and the first
- * is fed only by this sender, which holds its socket lock: a stage seen empty stays empty):
- *   1. sender's TCP path to near (unacked bytes),
- *   2. near's receive queue and ingress (not yet read by the engine),
- *   3. the engine's buffer (busy flag, raised before it reads near),
- *   4. far's TCP path to target (unacked bytes),
- *   5. target's TCP receive queue (read after its ingress: must be empty).
- */
 static __always_inline int pair_verdict(struct sk_msg_md *msg, struct tcp_sock *self,
 					struct ztun_route *rt, struct ztun_pair_slot *slot, __u32 dir)
 {
 	struct sock_view v = {};
+	__u32 far_written;
 
 	if (slot->gen != rt->gen || slot->state != ZTUN_PAIR_ACTIVE) {
 		stat_inc(ZTUN_STAT_PAIR_STALE);
 		return TRY_MISS;
 	}
-	if (self->write_seq != self->snd_una)
+	/* 1 + 2: all the sender wrote has arrived at near, and the engine has read it all. */
+	if (view_key(&rt->near, &v) || self->write_seq != v.rcv_nxt ||
+	    v.rcv_nxt != v.copied_seq || v.ingress) {
+		stat_inc(ZTUN_STAT_PAIR_WAIT_NEAR);
 		goto order;
-	if (view_key(&rt->near, &v) || v.unread_tcp || v.ingress)
+	}
+	/* 3. Fetch-and-add 0: a full barrier, so this load is not hoisted above stage 2. */
+	if (__sync_fetch_and_add(&slot->busy[dir], 0)) {
+		stat_inc(ZTUN_STAT_PAIR_WAIT_BUSY);
 		goto order;
-	/* Fetch-and-add 0: a full barrier, so this load is not hoisted above stage 2. */
-	if (__sync_fetch_and_add(&slot->busy[dir], 0))
-		goto order;
-	if (view_key(&rt->far, &v) || v.unacked)
-		goto order;
-	if (view_key(&rt->target, &v) || v.unread_tcp)
-		goto order;
+	}
+	/* 4 + 5: all the engine wrote to far has arrived at target, and target read it all. */
+	if (view_key(&rt->far, &v))
+		goto far;
+	far_written = v.write_seq;
+	if (view_key(&rt->target, &v) || far_written != v.rcv_nxt || v.rcv_nxt != v.copied_seq)
+		goto far;
 	if (v.ingress >= v.cap) {
 		__sync_fetch_and_add(&slot->fallback_msgs[dir], 1);
 		stat_inc(ZTUN_STAT_PAIR_CAP);
@@ -431,6 +435,8 @@ static __always_inline int pair_verdict(struct sk_msg_md *msg, struct tcp_sock *
 	__sync_fetch_and_add(&slot->direct_msgs[dir], 1);
 	stat_inc(ZTUN_STAT_PAIR_REDIRECT);
 	return TRY_REDIRECTED;
+far:
+	stat_inc(ZTUN_STAT_PAIR_WAIT_FAR);
 order:
 	__sync_fetch_and_add(&slot->fallback_msgs[dir], 1);
 	stat_inc(ZTUN_STAT_PAIR_ORDER);
@@ -441,11 +447,11 @@ order:
  * Same-node pair: sender -> target directly, only if the relay path is empty, checked in
  * the order bytes flow through it (each stage is fed only by the one before, and the first
  * is fed only by this sender, which holds its socket lock: a stage seen empty stays empty):
- *   1. sender's TCP path to near (unacked bytes),
- *   2. near's receive queue and ingress (not yet read by the engine),
- *   3. the engine's buffer (busy flag, raised before it reads near),
- *   4. far's TCP path to target (unacked bytes),
- *   5. target's TCP receive queue (read after its ingress: must be empty).
+ *   1. sender's TCP path to near: sender.write_seq == near.rcv_nxt,
+ *   2. near's receive queue and ingress: read by the engine,
+ *   3. the engine's buffer: busy flag, raised before it reads near,
+ *   4. far's TCP path to target: far.write_seq == target.rcv_nxt,
+ *   5. target's TCP receive queue: read (it is read after the ingress queue).
  * inflight brackets the verdict, so pair_del can wait until no verdict of the pair runs
  * (it clears state first; whoever increments after that sees the cleared state).
  */
@@ -465,8 +471,8 @@ static __always_inline int try_pair(struct sk_msg_md *msg, struct tcp_sock *self
 	return r;
 }
 
-/* Hop: sender -> its loopback peer, only if the sender's TCP path to it is empty (nothing
- * unacked, nothing unread at the peer) and the peer holds less than its cap. */
+/* Hop: sender -> its loopback peer, only if all the sender wrote over TCP has arrived and
+ * been read (the peer reads its ingress first) and the peer holds less than its cap. */
 static __always_inline void try_hop(struct sk_msg_md *msg, struct tcp_sock *self,
 				    struct ztun_sock_key *me)
 {
@@ -478,7 +484,7 @@ static __always_inline void try_hop(struct sk_msg_md *msg, struct tcp_sock *self
 		stat_inc(ZTUN_STAT_HOP_MISS);
 		return;
 	}
-	if (self->write_seq != self->snd_una || v.unread_tcp) {
+	if (self->write_seq != v.rcv_nxt || v.rcv_nxt != v.copied_seq) {
 		stat_inc(ZTUN_STAT_HOP_ORDER);
 		return;
 	}

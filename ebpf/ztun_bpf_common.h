@@ -90,6 +90,9 @@ enum ztun_stat {
 	ZTUN_STAT_PAIR_ORDER,         /* app->app fallback: relay path not empty */
 	ZTUN_STAT_PAIR_CAP,           /* app->app fallback: target holds ingress_cap */
 	ZTUN_STAT_PAIR_STALE,         /* route of a deleted pair seen */
+	ZTUN_STAT_PAIR_WAIT_NEAR,     /* ... PAIR_ORDER because of stages 1-2 (sender -> engine) */
+	ZTUN_STAT_PAIR_WAIT_BUSY,     /* ... stage 3 (engine's buffer) */
+	ZTUN_STAT_PAIR_WAIT_FAR,      /* ... stages 4-5 (engine -> target) */
 	ZTUN_STAT_MAX,
 };
 

@@ -609,13 +609,18 @@ int ztun_bpf_pair_add(ztun_bpf *h, int ztun_fd_a, int ztun_fd_b, uint32_t flags,
 		return fail(err, "pair_add: not a connected TCP socket");
 	key_reverse(&a, &za);
 	key_reverse(&b, &zb);
-	if (!known(h, &za) || !known(h, &zb) || !known(h, &a) || !known(h, &b)) {
-		const struct ztun_sock_key *miss = !known(h, &za) ? &za : !known(h, &zb) ? &zb :
-						   !known(h, &a) ? &a : &b;
+	if (!known(h, &za) || !known(h, &zb) || !known(h, &a)) {
+		const struct ztun_sock_key *miss = !known(h, &za) ? &za : !known(h, &zb) ? &zb : &a;
 
 		return fail(ZTUN_ENOTFOUND, "pair_add: socket %s was not seen by sock_ops "
 			    "(outside the attached cgroup, listener not registered or ztun socket "
 			    "not marked)", key_str(miss, kb, sizeof(kb)));
+	}
+	if (!known(h, &b)) {
+		/* connect() returns before the app's side of a loopback connection exists (the
+		 * final ACK is processed after): the engine retries shortly. */
+		return fail(-EAGAIN, "pair_add: %s not established on the app's side yet",
+			    key_str(&b, kb, sizeof(kb)));
 	}
 	/* If ztun dies, its sockets must reset both apps: a FIN would tell an app that a
 	 * stream which went partly around ztun ended cleanly. */
@@ -824,6 +829,9 @@ static const char *const stat_names[ZTUN_STAT_MAX] = {
 	[ZTUN_STAT_PAIR_ORDER] = "pair_fallback_order",
 	[ZTUN_STAT_PAIR_CAP] = "pair_fallback_cap",
 	[ZTUN_STAT_PAIR_STALE] = "pair_stale_route",
+	[ZTUN_STAT_PAIR_WAIT_NEAR] = "pair_wait_near",
+	[ZTUN_STAT_PAIR_WAIT_BUSY] = "pair_wait_busy",
+	[ZTUN_STAT_PAIR_WAIT_FAR] = "pair_wait_far",
 };
 
 const char *ztun_bpf_stat_name(unsigned idx)

@@ -217,7 +217,9 @@ def make_jobs(n: int, seed: int, *, max_bytes: int = 1 << 21) -> list[Job]:
     for i in range(n):
 
         def size() -> int:
-            return 0 if rng.random() < 0.05 else int(2 ** rng.uniform(0, max_bytes.bit_length() - 1))
+            return (
+                0 if rng.random() < 0.05 else int(2 ** rng.uniform(0, max_bytes.bit_length() - 1))
+            )
 
         flags = rng.choice([0, SERVER_AFTER_EOF, CLIENT_AFTER_EOF])
         jobs.append(Job(i, size(), size(), rng.getrandbits(32), flags))

@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 
 class Procs:
-    """Processes a test starts; all ended (by pid) at teardown."""
+    """Processes a test starts; all ended (by pid) at teardown. A thread per process
+    collects its stdout lines, so waiting for output never races with buffering."""
 
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
+        self._out: dict[int, queue.Queue[str | None]] = {}
+
+    def _pump(self, p: subprocess.Popen[str]) -> None:
+        q = self._out[p.pid]
+        assert p.stdout is not None
+        for line in p.stdout:
+            q.put(line)
+        q.put(None)
 
     def start(self, *args: str | os.PathLike[str], ready: bool = True) -> subprocess.Popen[str]:
         p = subprocess.Popen(
@@ -24,23 +35,56 @@ class Procs:
             text=True,
         )
         self.procs.append(p)
+        self._out[p.pid] = queue.Queue()
+        threading.Thread(target=self._pump, args=(p,), daemon=True).start()
         if ready:
-            line = p.stdout.readline() if p.stdout else ""
+            try:
+                line = self.lines(p, 1, timeout=30)[0]
+            except (TimeoutError, EOFError) as e:
+                p.kill()
+                err = p.stderr.read() if p.stderr else ""
+                raise RuntimeError(f"{args[0]} did not start: {e} {err}") from e
             if "READY" not in line:
-                err = p.stderr.read() if p.stderr and p.poll() is not None else ""
-                raise RuntimeError(f"{args[0]} did not start: {line!r} {err}")
+                raise RuntimeError(f"{args[0]} did not start: {line!r}")
         return p
 
+    def lines(self, p: subprocess.Popen[str], n: int, timeout: float = 10.0) -> list[str]:
+        """Wait for n more lines of p's stdout."""
+        out: list[str] = []
+        end = time.monotonic() + timeout
+        q = self._out[p.pid]
+        while len(out) < n:
+            try:
+                line = q.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"{len(out)} of {n} lines from {p.args[0]}") from None
+            if line is None:
+                q.put(None)
+                raise EOFError(f"{p.args[0]} exited after {len(out)} of {n} lines")
+            out.append(line)
+        return out
+
     def stop(self, p: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
-        """End p; returns the rest of its stdout."""
+        """End p; returns its stdout lines not yet consumed."""
         if p.poll() is None:
             p.send_signal(sig)
         try:
-            out, _ = p.communicate(timeout=10)
+            p.wait(timeout=10)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, _ = p.communicate()
-        return out or ""
+            p.wait()
+        rest: list[str] = []
+        q = self._out[p.pid]
+        while True:
+            try:
+                line = q.get(timeout=5)
+            except queue.Empty:
+                break
+            if line is None:
+                q.put(None)
+                break
+            rest.append(line)
+        return "".join(rest)
 
     def close(self) -> None:
         for p in self.procs:
@@ -59,10 +103,20 @@ def bpftool_json(*args: str) -> list[dict[str, object]]:
 
 def ztun_objects() -> dict[str, set[int]]:
     """IDs of programs, maps and links named ztun_* (links: those of ztun_* programs)."""
-    progs = {int(str(p["id"])) for p in bpftool_json("prog", "show") if str(p.get("name", "")).startswith("ztun_")}
-    maps = {int(str(m["id"])) for m in bpftool_json("map", "show") if str(m.get("name", "")).startswith("ztun_")}
-    links = {int(str(lk["id"])) for lk in bpftool_json("link", "show") if lk.get("prog_id") in progs}
-    return {"progs": progs, "maps": maps, "links": links}  # fmt: skip
+    progs = {
+        int(str(p["id"]))
+        for p in bpftool_json("prog", "show")
+        if str(p.get("name", "")).startswith("ztun_")
+    }
+    maps = {
+        int(str(m["id"]))
+        for m in bpftool_json("map", "show")
+        if str(m.get("name", "")).startswith("ztun_")
+    }
+    links = {
+        int(str(lk["id"])) for lk in bpftool_json("link", "show") if lk.get("prog_id") in progs
+    }
+    return {"progs": progs, "maps": maps, "links": links}
 
 
 def wait_gone(ids: dict[str, set[int]], timeout: float = 5.0) -> dict[str, set[int]]:

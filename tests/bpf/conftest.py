@@ -4,6 +4,7 @@ compiled against the installed libztun_bpf.so, and process/bpftool helpers."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -45,10 +46,8 @@ def cgroup() -> Iterator[Path]:
     finally:
         (origin / "cgroup.procs").write_text(str(os.getpid()))
         for pid in cg.pids():  # stragglers of this test: put them where we are
-            try:
+            with contextlib.suppress(OSError):  # exited meanwhile
                 (origin / "cgroup.procs").write_text(str(pid))
-            except OSError:
-                pass
         cg.path.rmdir()
 
 
@@ -73,9 +72,19 @@ def ztrelay(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.fail("no C compiler to build tests/bpf/ztrelay.c")
     out = tmp_path_factory.mktemp("ztrelay") / "ztrelay"
     subprocess.run(
-        [cc, "-O2", "-g", "-pthread", str(ROOT / "tests/bpf/ztrelay.c"),
-         f"-I{ROOT / 'src/include'}", f"-L{libdir}", "-lztun_bpf",
-         f"-Wl,-rpath,{libdir}", "-o", str(out)],
+        [
+            cc,
+            "-O2",
+            "-g",
+            "-pthread",
+            str(ROOT / "tests/bpf/ztrelay.c"),
+            f"-I{ROOT / 'src/include'}",
+            f"-L{libdir}",
+            "-lztun_bpf",
+            f"-Wl,-rpath,{libdir}",
+            "-o",
+            str(out),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     return out

@@ -12,7 +12,9 @@
  *       --flap-us N       then alternate pair_del / pair_add every N us (random with --jitter)
  *       --cap BYTES       ingress cap (default: receiver's SO_RCVBUF)
  *       --linger0         SO_LINGER {1,0} on every relayed socket (pair_add does it anyway)
- *   The relay prints "READY" once listening and one JSON line per finished connection.
+ *   SIGUSR1 makes the relay end every connection the way a policy change would: pair_del,
+ *   then reset both sides. The relay prints "READY" once listening and one JSON line per
+ *   finished connection.
  *
  * The relay keeps the engine's side of the pair protocol (include/ztun/bpf.h): busy before
  * every recv(), not busy once everything read has been sent; recv()/send() only.
@@ -285,6 +287,7 @@ static const char *target;
 static ztun_bpf *acc;
 static bool opt_pairs, opt_jitter, opt_linger0;
 static long opt_pair_delay_us, opt_flap_us;
+static volatile sig_atomic_t abort_all;
 static pthread_mutex_t out_lock = PTHREAD_MUTEX_INITIALIZER;
 static unsigned long conn_seq;
 
@@ -342,7 +345,7 @@ static void *relay_conn(void *arg)
 	unsigned seed = (unsigned)(uintptr_t)arg ^ (unsigned)time(NULL);
 	struct dir d[2] = {};
 	uint64_t pid = 0, direct[2] = { 0, 0 };
-	unsigned pairs = 0, pair_errs = 0, unpairs = 0;
+	unsigned pairs = 0, pair_errs = 0, unpairs = 0, pair_retries = 0;
 	double next_toggle = 1e300;
 	char why[160] = "";
 
@@ -370,19 +373,29 @@ static void *relay_conn(void *arg)
 	while (!(d[0].eof && d[0].shut && d[1].eof && d[1].shut) && !err) {
 		struct pollfd p[2] = { { a, 0, 0 }, { b, 0, 0 } };
 		double t = now();
-		int timeout = -1;
+		int timeout = 50; /* ms: also how fast SIGUSR1 (abort_all) is noticed */
 
+		if (abort_all) {
+			err = ECONNABORTED;
+			break;
+		}
 		if (t >= next_toggle && !pid && (d[0].eof || d[1].eof)) {
 			/* Half-closed already: not worth a pair (it could still carry the
 			 * other direction, but the peer may be gone: pair_add would fail). */
 			next_toggle = 1e300;
 		} else if (t >= next_toggle) {
 			if (!pid) {
-				if (ztun_bpf_pair_add(acc, a, b, 0, &pid) == 0) {
+				int rc = ztun_bpf_pair_add(acc, a, b, 0, &pid);
+
+				if (rc == 0) {
 					pairs++;
 					/* Busy exactly while a direction holds bytes. */
 					set_busy(pid, 0, d[0].len > 0);
 					set_busy(pid, 1, d[1].len > 0);
+				} else if (rc == -EAGAIN && ++pair_retries < 200) {
+					pid = 0; /* app side not there yet: again in 1 ms */
+					next_toggle = t + 1e-3;
+					continue;
 				} else {
 					pair_errs++;
 					snprintf(why, sizeof(why), "%s", ztun_bpf_last_error());
@@ -403,7 +416,8 @@ static void *relay_conn(void *arg)
 		if (next_toggle < 1e299) {
 			double ms = (next_toggle - t) * 1e3;
 
-			timeout = ms < 0 ? 0 : (int)ms + 1;
+			if (ms < timeout)
+				timeout = ms < 0 ? 0 : (int)ms + 1;
 		}
 		for (int i = 0; i < 2; i++) {
 			if (!d[i].eof && !d[i].len)
@@ -485,12 +499,23 @@ static void *relay_conn(void *arg)
 	return NULL;
 }
 
+static void on_usr1(int sig)
+{
+	abort_all = 1;
+}
+
 static void on_term(int sig)
 {
-	/* Exit through close(): links go, pairs end (bytes go back to relays that are gone
-	 * with us anyway). */
-	if (acc)
+	/* Exit through close(): links go, pairs end. Global counters go to stderr first. */
+	if (acc) {
+		uint64_t v[ZTUN_BPF_NSTATS];
+
+		if (ztun_bpf_stats(acc, v, ZTUN_BPF_NSTATS) == 0)
+			for (unsigned i = 0; i < ZTUN_BPF_NSTATS; i++)
+				fprintf(stderr, "%s=%" PRIu64 "%c", ztun_bpf_stat_name(i), v[i],
+					i + 1 < ZTUN_BPF_NSTATS ? ' ' : '\n');
 		ztun_bpf_close(acc);
+	}
 	_exit(0);
 }
 
@@ -539,6 +564,7 @@ static int relay(int argc, char **argv)
 			return 1;
 		}
 	}
+	signal(SIGUSR1, on_usr1);
 	signal(SIGTERM, on_term);
 	signal(SIGINT, on_term);
 	printf("READY\n");

@@ -70,7 +70,7 @@ struct ztun_bpf_pair_stats {
 };
 
 /* Global counters, indexes of ztun_bpf_stats(); names from ztun_bpf_stat_name(). */
-#define ZTUN_BPF_NSTATS 10
+#define ZTUN_BPF_NSTATS 13
 
 /* ---- probing, lifecycle (control thread) ---- */
 
@@ -118,6 +118,11 @@ uint32_t ztun_bpf_mark(const ztun_bpf *h);
  *     guarantee to connections that are never paired.
  */
 #define ZTUN_BPF_PAIR_KEEP_LINGER 0x1u /* do not set SO_LINGER {1, 0} on the two sockets */
+
+/* pair_add returns -EAGAIN while app B's accepted socket does not exist yet (a loopback
+ * connect() returns before the peer processes the final ACK): retry on the next event or
+ * after ~1 ms; ZTUN_ENOTFOUND means a socket sock_ops will never see (outside the cgroup,
+ * port not registered, ztun_fd_b not marked). */
 
 int ztun_bpf_pair_add(ztun_bpf *h, int ztun_fd_a, int ztun_fd_b, uint32_t flags,
 		      uint64_t *pair_id);
