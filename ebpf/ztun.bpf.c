@@ -370,12 +370,13 @@ static __always_inline void view_tcp(struct tcp_sock *tp, struct sock_view *v)
 }
 
 /*
- * Read the view of a socket of ztun_socks by key; 0 on success. The program runs under
+ * Read the view of a socket of ztun_socks by key (and, if want is not 0, with that socket
+ * cookie); 0 on success. The program runs under
  * rcu_read_lock() and TCP sockets are SLAB_TYPESAFE_BY_RCU, so the object stays a socket
  * while we read it; equal non-zero cookies before and after the reads prove it is still
  * the socket sock_ops recorded (a reused object has cookie 0 or a new one).
  */
-static __always_inline int view_key(struct ztun_sock_key *k, struct sock_view *v)
+static __always_inline int view_key(struct ztun_sock_key *k, __u64 want, struct sock_view *v)
 {
 	struct ztun_sockinfo *si = bpf_map_lookup_elem(&ztun_sockinfo, k);
 	struct tcp_sock *tp;
@@ -384,6 +385,8 @@ static __always_inline int view_key(struct ztun_sock_key *k, struct sock_view *v
 	if (!si)
 		return -1;
 	cookie = si->cookie;
+	if (want && cookie != want)
+		return -1;
 	tp = bpf_rdonly_cast((void *)si->addr, bpf_core_type_id_kernel(struct tcp_sock));
 	if (tp->inet_conn.icsk_inet.sk.__sk_common.skc_cookie.counter != cookie)
 		return -1;
@@ -408,7 +411,7 @@ static __always_inline int pair_verdict(struct sk_msg_md *msg, struct tcp_sock *
 		return TRY_MISS;
 	}
 	/* 1 + 2: all the sender wrote has arrived at near, and the engine has read it all. */
-	if (view_key(&rt->near, &v) || self->write_seq != v.rcv_nxt ||
+	if (view_key(&rt->near, rt->near_cookie, &v) || self->write_seq != v.rcv_nxt ||
 	    v.rcv_nxt != v.copied_seq || v.ingress) {
 		stat_inc(ZTUN_STAT_PAIR_WAIT_NEAR);
 		goto order;
@@ -419,10 +422,10 @@ static __always_inline int pair_verdict(struct sk_msg_md *msg, struct tcp_sock *
 		goto order;
 	}
 	/* 4 + 5: all the engine wrote to far has arrived at target, and target read it all. */
-	if (view_key(&rt->far, &v))
+	if (view_key(&rt->far, rt->far_cookie, &v))
 		goto far;
 	far_written = v.write_seq;
-	if (view_key(&rt->target, &v) || far_written != v.rcv_nxt || v.rcv_nxt != v.copied_seq)
+	if (view_key(&rt->target, rt->target_cookie, &v) || far_written != v.rcv_nxt || v.rcv_nxt != v.copied_seq)
 		goto far;
 	if (v.ingress >= v.cap) {
 		__sync_fetch_and_add(&slot->fallback_msgs[dir], 1);
@@ -480,7 +483,7 @@ static __always_inline void try_hop(struct sk_msg_md *msg, struct tcp_sock *self
 	struct sock_view v = {};
 
 	key_reverse(&peer, me);
-	if (view_key(&peer, &v)) {
+	if (view_key(&peer, 0, &v)) {
 		stat_inc(ZTUN_STAT_HOP_MISS);
 		return;
 	}

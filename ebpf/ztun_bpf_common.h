@@ -50,6 +50,9 @@ struct ztun_route {
 	struct ztun_sock_key target; /* the other app socket */
 	struct ztun_sock_key near;   /* ztun's socket connected to the sender */
 	struct ztun_sock_key far;    /* ztun's socket connected to the target */
+	__u64 target_cookie;         /* socket cookies at pair_add: a key reused by a later */
+	__u64 near_cookie;           /* connection (same 4-tuple) is not the socket meant */
+	__u64 far_cookie;
 	__u32 slot;                  /* index in ztun_pairs */
 	__u32 dir;                   /* 0: A->B (A = peer of the first ztun socket), 1: B->A */
 	__u32 gen;                   /* must equal ztun_pairs[slot].gen, else the route is stale */

@@ -49,7 +49,7 @@
 #define MAX_PORTS 1024
 
 _Static_assert(sizeof(struct ztun_sock_key) == 48, "ztun_sock_key layout");
-_Static_assert(sizeof(struct ztun_route) == 160, "ztun_route layout");
+_Static_assert(sizeof(struct ztun_route) == 184, "ztun_route layout");
 _Static_assert(sizeof(struct ztun_pair_slot) == 128, "ztun_pair_slot layout");
 _Static_assert(ZTUN_STAT_MAX == ZTUN_BPF_NSTATS, "stat count");
 
@@ -567,14 +567,16 @@ static const char *key_str(const struct ztun_sock_key *k, char *buf, size_t len)
 	return buf;
 }
 
-/* Is the socket known to sock_ops (in the sockhash, with its address recorded)? */
-static bool known(ztun_bpf *h, const struct ztun_sock_key *k)
+/* The socket's cookie if sock_ops knows it (in the sockhash, with its address recorded,
+ * both for the same socket), else 0. A sockhash lookup from user space returns the cookie. */
+static __u64 known(ztun_bpf *h, const struct ztun_sock_key *k)
 {
 	struct ztun_sockinfo si;
 	__u64 cookie;
 
-	return bpf_map_lookup_elem(h->fd_info, k, &si) == 0 &&
-	       bpf_map_lookup_elem(h->fd_socks, k, &cookie) == 0;
+	if (bpf_map_lookup_elem(h->fd_info, k, &si) || bpf_map_lookup_elem(h->fd_socks, k, &cookie))
+		return 0;
+	return si.cookie == cookie ? cookie : 0;
 }
 
 static inline struct ztun_pair_slot *slot_of(ztun_bpf *h, uint64_t id, uint32_t *idx)
@@ -609,14 +611,17 @@ int ztun_bpf_pair_add(ztun_bpf *h, int ztun_fd_a, int ztun_fd_b, uint32_t flags,
 		return fail(err, "pair_add: not a connected TCP socket");
 	key_reverse(&a, &za);
 	key_reverse(&b, &zb);
-	if (!known(h, &za) || !known(h, &zb) || !known(h, &a)) {
-		const struct ztun_sock_key *miss = !known(h, &za) ? &za : !known(h, &zb) ? &zb : &a;
+	__u64 cza = known(h, &za), czb = known(h, &zb), ca = known(h, &a), cb;
+
+	if (!cza || !czb || !ca) {
+		const struct ztun_sock_key *miss = !cza ? &za : !czb ? &zb : &a;
 
 		return fail(ZTUN_ENOTFOUND, "pair_add: socket %s was not seen by sock_ops "
 			    "(outside the attached cgroup, listener not registered or ztun socket "
 			    "not marked)", key_str(miss, kb, sizeof(kb)));
 	}
-	if (!known(h, &b)) {
+	cb = known(h, &b);
+	if (!cb) {
 		/* connect() returns before the app's side of a loopback connection exists (the
 		 * final ACK is processed after): the engine retries shortly. */
 		return fail(-EAGAIN, "pair_add: %s not established on the app's side yet",
@@ -655,7 +660,9 @@ int ztun_bpf_pair_add(ztun_bpf *h, int ztun_fd_a, int ztun_fd_b, uint32_t flags,
 	__atomic_store_n(&s->gen, gen, __ATOMIC_SEQ_CST);
 
 	ra.target = b, ra.near = za, ra.far = zb, ra.slot = idx, ra.dir = 0, ra.gen = gen;
+	ra.target_cookie = cb, ra.near_cookie = cza, ra.far_cookie = czb;
 	rb.target = a, rb.near = zb, rb.far = za, rb.slot = idx, rb.dir = 1, rb.gen = gen;
+	rb.target_cookie = ca, rb.near_cookie = czb, rb.far_cookie = cza;
 	if (bpf_map_update_elem(h->fd_routes, &a, &ra, BPF_NOEXIST)) {
 		err = fail(-errno, "pair_add: route of %s", key_str(&a, kb, sizeof(kb)));
 		goto undo;

@@ -8,6 +8,7 @@ header and reports per connection id, so results match however the bytes travell
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
@@ -165,7 +166,13 @@ class HashServer:
                 self.done.wait(left)
 
     def close(self) -> None:
+        # shutdown() wakes the accept thread; only then close the fd: a thread about to
+        # enter accept() with this fd number would otherwise accept on whatever socket
+        # reuses the number next (another test's listener).
         self._stop = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._t.join(5)
         self.sock.close()
 
 

@@ -117,6 +117,7 @@ def test_sigkilled_loader_leaves_nothing(
     conn = None
     if live:
         a = socket.create_connection(("127.0.0.1", port), timeout=10)
+        server.settimeout(10)
         b, _ = server.accept()
         b.settimeout(10)
         a.sendall(b"x")
