@@ -1,8 +1,10 @@
 /* ztrelay - stand-in for ztun's engine in the eBPF tests and benchmarks (not installed).
  *
- *   ztrelay server IP:PORT                          sink / ping-pong server
- *   ztrelay client IP:PORT tput BYTES CHUNK         -> one JSON line
+ *   ztrelay server IP:PORT                          sink / ping-pong server; greets with 'R'
+ *   ztrelay client IP:PORT tput BYTES CHUNK [nowait] -> one JSON line
  *   ztrelay client IP:PORT pp COUNT SIZE [WARMUP]   -> one JSON line
+ *       The client waits for the greeting before it sends (nowait: it sends at once, a
+ *       client that speaks first and never pauses).
  *   ztrelay relay LISTEN TARGET [options]           copy relay, one poll() loop per connection
  *       --bpf CGROUP      load ztun's programs, attach to CGROUP, register LISTEN, mark the
  *                         outgoing sockets (hop acceleration both sides)
@@ -10,7 +12,9 @@
  *       --pairs           pair every connection (same-node shortcut) once connected
  *       --pair-delay-us N pair only after N us (random in [0,N] with --jitter)
  *       --flap-us N       then alternate pair_del / pair_add every N us (random with --jitter)
- *       --cap BYTES       ingress cap (default: receiver's SO_RCVBUF)
+ *       --cap BYTES       ingress cap (default 4 MiB or the receiver's SO_RCVBUF)
+ *       --mark N          SO_MARK of the relay's outgoing sockets (default ztun's); loaders
+ *                         sharing a cgroup need distinct marks
  *       --linger0         SO_LINGER {1,0} on every relayed socket (pair_add does it anyway)
  *   SIGUSR1 makes the relay end every connection the way a policy change would: pair_del,
  *   then reset both sides. The relay prints "READY" once listening and one JSON line per
@@ -162,7 +166,7 @@ static void *serve(void *arg)
 	char *buf = malloc(BUFSZ);
 
 	nodelay(fd);
-	if (readn(fd, &h, sizeof(h)) || h.magic != MAGIC)
+	if (writen(fd, "R", 1) || readn(fd, &h, sizeof(h)) || h.magic != MAGIC)
 		goto out;
 	if (h.type == 1) { /* tput: read arg bytes, answer with the count */
 		uint64_t left = h.arg, got = 0;
@@ -220,9 +224,13 @@ static int client(int argc, char **argv)
 {
 	int fd = connect_to(argv[2], 0);
 	struct hdr h = { MAGIC, 0, 0 };
+	bool nowait = !strcmp(argv[3], "tput") && argc > 6 && !strcmp(argv[6], "nowait");
+	char r = 0;
 
 	if (fd < 0)
 		die("connect");
+	if (!nowait && (readn(fd, &r, 1) || r != 'R'))
+		die("greeting");
 	if (!strcmp(argv[3], "tput")) {
 		uint64_t total = strtoull(argv[4], 0, 0), left = total, ack = 0;
 		size_t chunk = strtoul(argv[5], 0, 0);
@@ -242,6 +250,8 @@ static int client(int argc, char **argv)
 				die("send");
 			left -= n;
 		}
+		if (nowait && (readn(fd, &r, 1) || r != 'R'))
+			die("greeting");
 		if (readn(fd, &ack, 8))
 			die("ack");
 		double t = now() - t0;
@@ -541,6 +551,8 @@ static int relay(int argc, char **argv)
 			opt_pair_delay_us = atol(argv[++i]);
 		else if (!strcmp(argv[i], "--flap-us") && i + 1 < argc)
 			opt_flap_us = atol(argv[++i]);
+		else if (!strcmp(argv[i], "--mark") && i + 1 < argc)
+			cfg.mark = (uint32_t)strtoul(argv[++i], NULL, 0);
 		else if (!strcmp(argv[i], "--cap") && i + 1 < argc)
 			cfg.ingress_cap = (uint32_t)atol(argv[++i]);
 		else {
