@@ -37,8 +37,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Knobs, set by the loader between open and load. */
 const volatile __u32 ztun_mark = 0;    /* SO_MARK on ztun's own outgoing sockets (0: none) */
 /* Redirected-but-unread bytes a receiving socket may hold: the larger of this and its
- * SO_RCVBUF (what plain TCP would let it hold). Beyond that, senders fall back to TCP. */
-const volatile __u32 ingress_cap = 4 << 20;
+ * SO_RCVBUF; only SO_RCVBUF while the host is under TCP memory pressure. Beyond that,
+ * senders fall back to TCP, which has backpressure. */
+const volatile __u32 ingress_cap = 16 << 20;
 const volatile __u8 hop_enabled = 1;   /* accelerate app<->ztun hops */
 const volatile __u8 pairs_enabled = 1; /* honour same-node pair routes */
 
@@ -357,16 +358,30 @@ static __always_inline __u32 psock_ingress(struct sock *sk)
 	return n;
 }
 
+/* The kernel's own "TCP memory is short" flag (tcp_memory_pressure: set above tcp_mem[1],
+ * cleared below tcp_mem[0]), reached through the socket's proto. */
+static __always_inline int tcp_mem_pressure(struct sock *sk)
+{
+	struct proto *prot = sk->__sk_common.skc_prot;
+	unsigned long *flag;
+
+	if (!prot)
+		return 0;
+	flag = bpf_rdonly_cast(prot->memory_pressure, bpf_core_type_id_kernel(unsigned long));
+	return flag && *flag;
+}
+
 static __always_inline void view_tcp(struct tcp_sock *tp, struct sock_view *v)
 {
 	struct sock *sk = &tp->inet_conn.icsk_inet.sk;
 	int rcvbuf = sk->sk_rcvbuf;
+	__u32 rb = rcvbuf > 0 ? (__u32)rcvbuf : 0;
 
 	v->write_seq = tp->write_seq;
 	v->rcv_nxt = tp->rcv_nxt;
 	v->copied_seq = tp->copied_seq;
 	v->ingress = psock_ingress(sk);
-	v->cap = rcvbuf > 0 && (__u32)rcvbuf > ingress_cap ? (__u32)rcvbuf : ingress_cap;
+	v->cap = tcp_mem_pressure(sk) || rb > ingress_cap ? rb : ingress_cap;
 }
 
 /*

@@ -84,7 +84,7 @@ def test_hop_slow_consumer_is_bounded(cap: int, cgroup: Path) -> None:
             queued = _inq(b)
             st = acc.stats()
             _drain_check(b, sent)
-    bound = cap or (4 << 20)
+    bound = cap or (16 << 20)  # ZTUN_BPF_DEFAULT_CAP
     print(f"cap {bound}: sender stopped after {sent} bytes; {queued} redirected-unread")
     assert st["hop_redirect"] > 0 and st["hop_fallback_cap"] > 0
     # The receiver's redirected-unread bytes stay within the cap plus one message (a
@@ -135,7 +135,7 @@ def test_pair_slow_consumer_is_bounded(ztrelay: Path, procs: Procs, cgroup: Path
             _drain_check(b, sent)
         lines = procs.lines(relay, 1)[0]
     print(f"pair: sender stopped after {sent} bytes; {queued} redirected-unread; {lines.strip()}")
-    assert queued <= (4 << 20) + (1 << 20)
+    assert queued <= (16 << 20) + (1 << 20)
     # cap at b + TCP buffers at both ztun sockets + the relay's buffer: tens of MB at most.
-    assert sent < 48 << 20
+    assert sent < 64 << 20
     assert '"direct":[0' not in lines  # the shortcut carried bytes before the cap hit

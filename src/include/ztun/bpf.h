@@ -34,15 +34,18 @@ typedef struct ztun_bpf ztun_bpf;
 /* SO_MARK ztun puts on its own sockets when the config leaves it 0 ("zt" in ASCII). */
 #define ZTUN_BPF_DEFAULT_MARK 0x7a74u
 
-/* Default bound on redirected-but-unread bytes per receiving socket: about what plain TCP
- * lets a stalled loopback receiver queue (rcvbuf + sndbuf measured 4.3 MB here). */
-#define ZTUN_BPF_DEFAULT_CAP (4u << 20)
+/* Default bound on redirected-but-unread bytes per receiving socket. A receiver that is
+ * descheduled for a few ms must not trip it (at 30 Gbit/s 4 MiB is 1 ms, and a trip sends
+ * a bulk sender through the relay until it pauses); while the host is under TCP memory
+ * pressure the bound drops to the receiver's SO_RCVBUF, as plain TCP's would. */
+#define ZTUN_BPF_DEFAULT_CAP (16u << 20)
 
 struct ztun_bpf_config {
 	uint32_t flags;
 	uint32_t mark;        /* SO_MARK of ztun's outgoing sockets; 0: ZTUN_BPF_DEFAULT_MARK */
 	uint32_t ingress_cap; /* redirected-unread bytes a receiver may hold (at least its
-			       * SO_RCVBUF); 0: ZTUN_BPF_DEFAULT_CAP */
+			       * SO_RCVBUF; only that under TCP memory pressure);
+			       * 0: ZTUN_BPF_DEFAULT_CAP */
 	uint32_t max_sockets; /* sockhash size; 0: 65536 */
 	uint32_t max_pairs;   /* same-node pairs at once; 0: 16384 */
 	uint32_t reserved;
