@@ -295,6 +295,9 @@ static int client(int argc, char **argv)
 
 static const char *target;
 static ztun_bpf *acc;
+/* Per-connection calls go through the table, as the engine makes them (it gets the handle
+ * and the table from Python and never links libztun_bpf). */
+static const struct ztun_bpf_api *api;
 static bool opt_pairs, opt_jitter, opt_linger0;
 static long opt_pair_delay_us, opt_flap_us;
 static volatile sig_atomic_t abort_all;
@@ -319,7 +322,7 @@ static long rnd_us(long max, unsigned *seed)
 static void set_busy(uint64_t pid, unsigned d, int busy)
 {
 	if (pid)
-		ztun_bpf_relay_busy(acc, pid, d, busy);
+		api->relay_busy(acc, pid, d, busy);
 }
 
 /* Push what is buffered; true when the buffer is empty. */
@@ -360,7 +363,7 @@ static void *relay_conn(void *arg)
 	char why[160] = "";
 
 	nodelay(a);
-	b = connect_to(target, acc ? ztun_bpf_mark(acc) : 0);
+	b = connect_to(target, acc ? api->mark(acc) : 0);
 	if (b < 0) {
 		close(a);
 		return NULL;
@@ -395,7 +398,7 @@ static void *relay_conn(void *arg)
 			next_toggle = 1e300;
 		} else if (t >= next_toggle) {
 			if (!pid) {
-				int rc = ztun_bpf_pair_add(acc, a, b, 0, &pid);
+				int rc = api->pair_add(acc, a, b, 0, &pid);
 
 				if (rc == 0) {
 					pairs++;
@@ -414,7 +417,7 @@ static void *relay_conn(void *arg)
 			} else {
 				struct ztun_bpf_pair_stats st;
 
-				if (ztun_bpf_pair_del(acc, pid, &st) == 0) {
+				if (api->pair_del(acc, pid, &st) == 0) {
 					direct[0] += st.direct_bytes[0];
 					direct[1] += st.direct_bytes[1];
 				}
@@ -479,7 +482,7 @@ static void *relay_conn(void *arg)
 	if (pid) {
 		struct ztun_bpf_pair_stats st;
 
-		if (ztun_bpf_pair_del(acc, pid, &st) == 0) {
+		if (api->pair_del(acc, pid, &st) == 0) {
 			direct[0] += st.direct_bytes[0];
 			direct[1] += st.direct_bytes[1];
 		}
@@ -561,6 +564,12 @@ static int relay(int argc, char **argv)
 		}
 	}
 	l = listen_on(argv[2]);
+	api = ztun_bpf_api();
+	if (api->abi != ZTUN_BPF_API_ABI || api->size < sizeof(*api)) {
+		fprintf(stderr, "libztun_bpf API %u/%u, built for %u\n", api->abi, api->size,
+			ZTUN_BPF_API_ABI);
+		return 1;
+	}
 	if (cgroup) {
 		int err = ztun_bpf_open(&cfg, &acc);
 
