@@ -26,6 +26,7 @@ Typical use (the daemon does this; the engine gets :meth:`SockmapAccelerator.eng
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -150,7 +151,9 @@ class Features:
     btf: bool
 
 
+@functools.cache
 def features() -> Features:
+    """Kernel facts (parsed from its BTF once per process: about 50 ms)."""
     ffi, lib = _load()
     f = ffi.new("struct ztun_bpf_features *")
     _check(lib.ztun_bpf_features(f), "probe kernel features")
