@@ -11,6 +11,7 @@ loop per connection, the pair protocol of include/ztun/bpf.h):
   relay_hop    ... relay whose two loopback hops are accelerated
   pair         ... relay that pairs each connection: app -> app by sk_msg (the shortcut)
   pair_nowait  pair, but the client sends at once and never pauses (throughput only)
+  pair_cap64m  pair with a 64 MiB ingress cap instead of the default 16 MiB
 
 Each round runs every variant once, in rotated order; ratios are taken against a baseline
 from the same round (skmsg, relay, pair, pair_nowait vs direct; relay_hop vs relay), then
@@ -47,6 +48,7 @@ BASE = {
     "relay_hop": "relay",
     "pair": "direct",
     "pair_nowait": "direct",
+    "pair_cap64m": "direct",
 }
 
 
@@ -94,6 +96,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--only", default="", help="comma-separated subset of variants")
     a = ap.parse_args()
     ok, why = bpf.available()
     if not ok:
@@ -107,7 +110,11 @@ def main() -> int:
     cg = bpf.Cgroup(f"ztun-bench-{os.getpid()}")
     cg.add()
     raw: list[dict[str, Any]] = []
-    variants = ["direct", "skmsg", "relay", "relay_hop", "pair", "pair_nowait"]
+    variants = ["direct", "skmsg", "relay", "relay_hop", "pair", "pair_nowait", "pair_cap64m"]
+    if a.only:
+        want = set(a.only.split(",")) | {"direct"}
+        want |= {BASE[v] for v in want if v in BASE}
+        variants = [v for v in variants if v in want]
     try:
         # skmsg: a server whose port ztun's programs treat as a ztun port (both app sockets
         # accelerated, no relay): the bare sk_msg path with ztun's ordering checks.
@@ -128,6 +135,15 @@ def main() -> int:
             "relay": [],
             "relay_hop": ["--bpf", str(cg.path), "--mark", "0x7a01"],
             "pair": ["--bpf", str(cg.path), "--pairs", "--mark", "0x7a02"],
+            "pair_cap64m": [
+                "--bpf",
+                str(cg.path),
+                "--pairs",
+                "--mark",
+                "0x7a03",
+                "--cap",
+                "67108864",
+            ],
         }  # loaders sharing a cgroup need distinct marks
         for v, opts in relay_opts.items():
             ports[v] = free_port()
@@ -135,8 +151,17 @@ def main() -> int:
         ports["pair_nowait"] = ports["pair"]
         relays["pair_nowait"] = relays["pair"]
         time.sleep(0.3)
+
+        def relay_line(v: str) -> dict[str, Any]:
+            """The relay's report of the connection that just ended (relay variants)."""
+            if v not in relays:
+                return {}
+            line = procs.lines(relays[v], 1, timeout=30)[0]
+            return dict(json.loads(line))
+
         for v in variants:  # warm-up
             client(exe, ports[v], "tput", str(a.bytes // 10), str(a.chunk))
+            relay_line(v)
         hz = os.sysconf("SC_CLK_TCK")
         gib = a.bytes / 2**30
         for r in range(a.rounds):
@@ -149,15 +174,20 @@ def main() -> int:
                 tp = client(exe, ports[v], "tput", str(a.bytes), str(a.chunk), *extra)
                 b1 = host_busy()
                 c1 = cpu_ticks(rp.pid) if rp else 0
+                rl = relay_line(v)
+                direct = sum(rl.get("direct", [0, 0]))
+                moved = direct + sum(rl.get("relayed", [0, 0]))
                 rec: dict[str, Any] = {
                     "round": r,
                     "variant": v,
                     "gbps": tp["gbps"],
                     "relay_cpu_s_per_gib": (c1 - c0) / hz / gib,
                     "host_cpu_s_per_gib": (b1 - b0) / hz / gib,
+                    "direct_fraction": direct / moved if moved else 0.0,
                 }
                 if v != "pair_nowait":
                     pp = client(exe, ports[v], "pp", str(a.pp), str(a.size))
+                    relay_line(v)
                     rec.update(p50_us=pp["p50_us"], p99_us=pp["p99_us"])
                 raw.append(rec)
                 print(json.dumps(rec), flush=True)
@@ -174,7 +204,14 @@ def main() -> int:
         by.setdefault(rec["variant"], []).append(rec)
     summary: dict[str, Any] = {}
     for v, recs in by.items():
-        metrics = ("gbps", "p50_us", "p99_us", "relay_cpu_s_per_gib", "host_cpu_s_per_gib")
+        metrics = (
+            "gbps",
+            "p50_us",
+            "p99_us",
+            "relay_cpu_s_per_gib",
+            "host_cpu_s_per_gib",
+            "direct_fraction",
+        )
         keys = [k for k in metrics if k in recs[0]]
         s: dict[str, Any] = {k: summarize([x[k] for x in recs]) for k in keys}
         if v in BASE:
@@ -203,8 +240,8 @@ def main() -> int:
         f"{a.bytes} B in {a.chunk} B writes, {a.pp} x {a.size} B ping-pong",
         "",
         "| variant | Gbit/s min/med/max | p50 us | p99 us | relay CPU s/GiB (med) "
-        "| host CPU s/GiB (med) | vs | tput ratio | p50 ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| host CPU s/GiB (med) | bytes direct (med) | vs | tput ratio | p50 ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
         s = summary[v]
@@ -215,6 +252,7 @@ def main() -> int:
             f3(s.get("p99_us"), "%.1f"),
             f"{s['relay_cpu_s_per_gib']['median']:.2f}",
             f"{s['host_cpu_s_per_gib']['median']:.2f}",
+            f"{100 * s['direct_fraction']['median']:.0f}%" if v.startswith("pair") else "-",
             s.get("vs", "-"),
             f3(s.get("ratio_gbps")),
             f3(s.get("ratio_p50_us")),

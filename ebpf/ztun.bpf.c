@@ -39,7 +39,7 @@ const volatile __u32 ztun_mark = 0;    /* SO_MARK on ztun's own outgoing sockets
 /* Redirected-but-unread bytes a receiving socket may hold: the larger of this and its
  * SO_RCVBUF; only SO_RCVBUF while the host is under TCP memory pressure. Beyond that,
  * senders fall back to TCP, which has backpressure. */
-const volatile __u32 ingress_cap = 16 << 20;
+const volatile __u32 ingress_cap = 32 << 20; /* set by the loader */
 const volatile __u8 hop_enabled = 1;   /* accelerate app<->ztun hops */
 const volatile __u8 pairs_enabled = 1; /* honour same-node pair routes */
 

@@ -394,7 +394,8 @@ class SockmapAccelerator:
     ``cgroup``: where sock_ops watches connections (apps *and* ztun must be inside it; the
     cgroup2 root covers everything). Default: this process's own cgroup.
     ``ingress_cap``: bytes a receiver may hold that were redirected to it and not yet read
-    (0: 16 MiB; never less than its SO_RCVBUF, and only that under TCP memory pressure);
+    (0: the host's net.ipv4.tcp_rmem[2]; never less than its SO_RCVBUF, and only that
+    under TCP memory pressure);
     beyond that senders fall back to TCP, which has backpressure.
     ``pin_dir``: pin maps and links there (they then survive this process: for a restart
     that keeps connections; :func:`cleanup` removes them).

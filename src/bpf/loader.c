@@ -235,6 +235,21 @@ int ztun_bpf_features(struct ztun_bpf_features *f)
 
 /* ------------------------------------------------------------------ open / attach */
 
+/* net.ipv4.tcp_rmem[2]: the largest receive buffer TCP autotuning grants one socket. */
+static uint32_t default_cap(void)
+{
+	FILE *f = fopen("/proc/sys/net/ipv4/tcp_rmem", "re");
+	long lo, def, max;
+	uint32_t cap = ZTUN_BPF_DEFAULT_CAP;
+
+	if (f) {
+		if (fscanf(f, "%ld %ld %ld", &lo, &def, &max) == 3 && max > 0 && max < (1L << 31))
+			cap = (uint32_t)max;
+		fclose(f);
+	}
+	return cap;
+}
+
 static void map_fds(ztun_bpf *h)
 {
 	h->fd_socks = bpf_map__fd(h->skel->maps.ztun_socks);
@@ -290,7 +305,9 @@ int ztun_bpf_open(const struct ztun_bpf_config *cfg, ztun_bpf **out)
 	}
 	/* Knobs: rodata, fixed at load. */
 	h->skel->rodata->ztun_mark = h->cfg.mark;
-	h->skel->rodata->ingress_cap = h->cfg.ingress_cap ? h->cfg.ingress_cap : ZTUN_BPF_DEFAULT_CAP;
+	if (!h->cfg.ingress_cap)
+		h->cfg.ingress_cap = default_cap();
+	h->skel->rodata->ingress_cap = h->cfg.ingress_cap;
 	h->skel->rodata->hop_enabled = !(h->cfg.flags & ZTUN_BPF_F_NO_HOP);
 	h->skel->rodata->pairs_enabled = !(h->cfg.flags & ZTUN_BPF_F_NO_PAIRS);
 	/* Map sizes. */

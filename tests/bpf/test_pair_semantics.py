@@ -135,9 +135,12 @@ def test_rst_reaches_the_other_app(who: str, ztrelay: Path, procs: Procs, cgroup
 def test_close_with_data_queued_delivers_everything(
     ztrelay: Path, procs: Procs, cgroup: Path
 ) -> None:
-    """A writes more than the 16 MiB ingress cap and closes while most of it is queued
-    (part redirected into B, part in ztun's buffers and TCP queues); B reads later."""
-    data = random.Random(1).randbytes(40 << 20)
+    """A writes more than the ingress cap (tcp_rmem[2], 32 MiB here) and closes while most
+    of it is queued (part redirected into B, part in ztun's buffers and TCP queues); B
+    reads later."""
+    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+        cap = int(f.read().split()[2])
+    data = random.Random(1).randbytes(cap + (24 << 20))
     with rig(ztrelay, procs, cgroup) as r:
         a, b = r.connect()
         w = threading.Thread(target=lambda: (a.sendall(data), a.close()))

@@ -34,18 +34,19 @@ typedef struct ztun_bpf ztun_bpf;
 /* SO_MARK ztun puts on its own sockets when the config leaves it 0 ("zt" in ASCII). */
 #define ZTUN_BPF_DEFAULT_MARK 0x7a74u
 
-/* Default bound on redirected-but-unread bytes per receiving socket. A receiver that is
- * descheduled for a few ms must not trip it (at 30 Gbit/s 4 MiB is 1 ms, and a trip sends
- * a bulk sender through the relay until it pauses); while the host is under TCP memory
- * pressure the bound drops to the receiver's SO_RCVBUF, as plain TCP's would. */
-#define ZTUN_BPF_DEFAULT_CAP (16u << 20)
+/* Bound on redirected-but-unread bytes per receiving socket when the config leaves it 0:
+ * the host's net.ipv4.tcp_rmem[2] (what TCP autotuning lets one receiver hold; 32 MiB on
+ * Debian), or this if it cannot be read. A receiver descheduled for a few ms must not trip
+ * it: at 30 Gbit/s 4 MiB is 1 ms, and a trip sends a bulk sender through the relay until
+ * it pauses. Under TCP memory pressure the bound drops to the receiver's SO_RCVBUF. */
+#define ZTUN_BPF_DEFAULT_CAP (32u << 20)
 
 struct ztun_bpf_config {
 	uint32_t flags;
 	uint32_t mark;        /* SO_MARK of ztun's outgoing sockets; 0: ZTUN_BPF_DEFAULT_MARK */
 	uint32_t ingress_cap; /* redirected-unread bytes a receiver may hold (at least its
 			       * SO_RCVBUF; only that under TCP memory pressure);
-			       * 0: ZTUN_BPF_DEFAULT_CAP */
+			       * 0: net.ipv4.tcp_rmem[2] */
 	uint32_t max_sockets; /* sockhash size; 0: 65536 */
 	uint32_t max_pairs;   /* same-node pairs at once; 0: 16384 */
 	uint32_t reserved;
