@@ -533,8 +533,18 @@ int ztun_skmsg(struct sk_msg_md *msg)
 		return SK_PASS;
 	if (pairs_enabled) {
 		rt = bpf_map_lookup_elem(&ztun_routes, &me);
-		if (rt && try_pair(msg, self, rt) == TRY_REDIRECTED)
+		switch (rt ? try_pair(msg, self, rt) : TRY_MISS) {
+		case TRY_REDIRECTED:
 			return SK_PASS;
+		case TRY_CAP:
+		case TRY_ORDER:
+			/* A paired sender falls back to TCP only: the hop into ztun's socket
+			 * would let a stalled target hold a second cap's worth there (ztun
+			 * cannot pass it on), while TCP blocks the sender after its buffers. */
+			return SK_PASS;
+		default:
+			break; /* no live pair: an ordinary hop */
+		}
 	}
 	if (hop_enabled)
 		try_hop(msg, self, &me);
