@@ -10,43 +10,51 @@ from __future__ import annotations
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from bpf_apps import HashServer, Job, make_jobs, mismatches, run_client
+from bpf_apps import EAGAIN_SEEN, HashServer, Job, make_jobs, mismatches, run_client
 from bpf_util import Procs, free_port, relay_lines
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf]
 
+
+class V(NamedTuple):
+    opts: list[str]  # relay options ({cg}: the test's cgroup)
+    n: int  # connections
+    direct: bool  # some bytes must take the shortcut (else none may)
+    relayed: bool | None  # some bytes must go through the relay (None: either)
+    max_bytes: int = 1 << 21  # per direction, log-uniform
+
+
+BPF = ["--bpf", "{cg}"]
 VARIANTS = {
-    # name: (relay options, connections, expect direct bytes, expect relayed bytes)
-    "plain": ([], 100, False, True),
-    "hop": (["--bpf", "{cg}"], 150, False, True),
-    "hop-cap64k": (["--bpf", "{cg}", "--cap", "65536"], 100, False, True),
-    "pair": (["--bpf", "{cg}", "--pairs"], 150, True, None),
-    "pair-late": (
-        ["--bpf", "{cg}", "--pairs", "--pair-delay-us", "3000", "--jitter"],
-        200,
-        True,
-        True,
+    "plain": V([], 100, False, True),
+    "hop": V(BPF, 150, False, True),
+    "hop-cap64k": V([*BPF, "--cap", "65536"], 100, False, True),
+    "pair": V([*BPF, "--pairs"], 150, True, None),
+    # switch to direct while both writers send (random delay up to 3 ms)
+    "pair-late": V(
+        [*BPF, "--pairs", "--pair-delay-us", "3000", "--jitter"], 200, True, True, 8 << 20
     ),
-    "pair-flap": (
-        ["--bpf", "{cg}", "--pairs", "--pair-delay-us", "500", "--flap-us", "2000", "--jitter"],
+    # pair_add / pair_del every 0-2 ms, both ways, during the transfers
+    "pair-flap": V(
+        [*BPF, "--pairs", "--pair-delay-us", "500", "--flap-us", "2000", "--jitter"],
         250,
         True,
         True,
+        8 << 20,
     ),
-    "pair-nohop-flap": (
-        ["--bpf", "{cg}", "--no-hop", "--pairs", "--flap-us", "1500", "--jitter"],
-        150,
-        True,
-        True,
+    "pair-nohop-flap": V(
+        [*BPF, "--no-hop", "--pairs", "--flap-us", "1500", "--jitter"], 150, True, True
     ),
 }
 
 
 def _run(
-    ztrelay: Path, procs: Procs, cg: Path, opts: list[str], *, n: int, seed: int
+    ztrelay: Path, procs: Procs, cg: Path, v: V, *, seed: int
 ) -> tuple[list[Job], HashServer, list[dict[str, object]]]:
+    n = v.n
     server = HashServer()
     try:
         relay = procs.start(
@@ -54,11 +62,11 @@ def _run(
             "relay",
             f"127.0.0.1:{free_port()}",
             f"127.0.0.1:{server.addr[1]}",
-            *[o.format(cg=cg) for o in opts],
+            *[o.format(cg=cg) for o in v.opts],
         )
         listen = relay.args[2]
         host, port = listen.rsplit(":", 1)
-        jobs = make_jobs(n, seed)
+        jobs = make_jobs(n, seed, max_bytes=v.max_bytes)
         with ThreadPoolExecutor(max_workers=12) as ex:
             done = list(ex.map(lambda j: run_client((host, int(port)), j), jobs))
         server.wait(n, timeout=60)
@@ -71,8 +79,9 @@ def _run(
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_integrity(variant: str, ztrelay: Path, procs: Procs, cgroup: Path) -> None:
-    opts, n, want_direct, want_relayed = VARIANTS[variant]
-    jobs, server, lines = _run(ztrelay, procs, cgroup, opts, n=n, seed=zlib.crc32(variant.encode()))
+    v = VARIANTS[variant]
+    n, want_direct, want_relayed = v.n, v.direct, v.relayed
+    jobs, server, lines = _run(ztrelay, procs, cgroup, v, seed=zlib.crc32(variant.encode()))
     bad = mismatches(jobs, server)
     assert not bad, f"{len(bad)} mismatches, first: {bad[:5]}"
     assert len(lines) == n, "relay did not report every connection"
@@ -83,6 +92,12 @@ def test_integrity(variant: str, ztrelay: Path, procs: Procs, cgroup: Path) -> N
     direct = sum(sum(ln["direct"]) for ln in lines)  # type: ignore[arg-type]
     relayed = sum(sum(ln["relayed"]) for ln in lines)  # type: ignore[arg-type]
     total = sum(j.up + j.down for j in jobs) + n * 24  # + headers
+    print(
+        f"{variant}: {n} connections, {total} B, {direct} direct, {relayed} relayed, "
+        f"{sum(int(str(ln['pairs'])) for ln in lines)} pair_add, "
+        f"{sum(int(str(ln['unpairs'])) for ln in lines)} pair_del, "
+        f"spurious EAGAIN so far {EAGAIN_SEEN[0]}"
+    )
     assert direct + relayed == total, (direct, relayed, total)
     if want_direct:
         assert direct > 0, "no byte took the shortcut"
