@@ -16,8 +16,8 @@ APT_PACKAGES := build-essential cmake ninja-build pkg-config \
 	clang llvm bpftool iproute2 openssl \
 	stunnel4 nghttp2-proxy tcpdump curl nodejs
 
-BUILD_DEPS := scikit-build-core>=0.10 cython>=3.0 cython-cmake>=0.2 cffi>=1.17
-EXTRAS := test,bench,demo,dev
+BUILD_DEPS := 'scikit-build-core>=0.10' 'cython>=3.0' 'cython-cmake>=0.2' 'cffi>=1.17'
+EXTRAS := test,bench,demo,dev,spire
 SOURCES := $(shell find src ebpf ztun cmake -type f \( -name '*.c' -o -name '*.h' -o -name '*.pyx' \
 	-o -name '*.pxd' -o -name 'CMakeLists.txt' -o -name '*.cmake' -o -name '_*_build.py' \) 2>/dev/null) \
 	CMakeLists.txt pyproject.toml
@@ -54,7 +54,7 @@ build: system $(VENV)/.built
 setup: build
 
 demo: build
-	$(PY) -m ztun.demo
+	$(SUDO) $(PY) -m ztun.demo
 
 test: build
 	$(PY) -m pytest tests
@@ -63,6 +63,7 @@ test-fast: build
 	$(PY) -m pytest tests/unit -q
 
 bench: build
+	@mkdir -p bench/results
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json -p no:randomly
 	$(PY) bench/report.py bench/results/latest.json
 

@@ -8,12 +8,25 @@ from __future__ import annotations
 
 __all__ = [
     "BpfError",
+    "CertificateExpiredError",
+    "CertificateNotYetValidError",
     "ConfigError",
     "ConnectError",
     "EngineError",
     "IdentityError",
+    "KeyMismatchError",
+    "KeyUsageError",
+    "LeafIsCaError",
+    "MalformedCertificateError",
+    "MultipleUriSansError",
+    "NoUriSanError",
+    "NonSpiffeUriError",
     "PolicyError",
     "SpiffeIdError",
+    "SvidError",
+    "TrustDomainMismatchError",
+    "UnexpectedSpiffeIdError",
+    "UnknownCaError",
     "ZtunError",
 ]
 
@@ -63,6 +76,88 @@ class IdentityError(ZtunError):
 
 class SpiffeIdError(IdentityError, ValueError):
     """A string that is not a valid SPIFFE ID (the message says which rule it breaks)."""
+
+
+class SvidError(IdentityError):
+    """A certificate (chain) that is not an acceptable X.509-SVID.
+
+    ``reason`` is a short stable code naming the broken rule; the C engine uses the same
+    codes in its log lines and failure counters, so tests can compare the two.
+    """
+
+    reason = "bad_certificate"
+
+
+class MalformedCertificateError(SvidError):
+    """Bytes that are not a PEM/DER certificate or key, or a chain that does not link up."""
+
+    reason = "malformed"
+
+
+class CertificateExpiredError(SvidError):
+    """A certificate of the chain is past its notAfter."""
+
+    reason = "expired"
+
+
+class CertificateNotYetValidError(SvidError):
+    """A certificate of the chain is before its notBefore."""
+
+    reason = "not_yet_valid"
+
+
+class UnknownCaError(SvidError):
+    """The chain does not lead to a root of the trust bundle of the leaf's trust domain."""
+
+    reason = "unknown_ca"
+
+
+class TrustDomainMismatchError(SvidError):
+    """The leaf's SPIFFE ID is in a trust domain other than the one required (or trusted)."""
+
+    reason = "other_trust_domain"
+
+
+class NoUriSanError(SvidError):
+    """The leaf has no URI subject alternative name."""
+
+    reason = "no_uri_san"
+
+
+class MultipleUriSansError(SvidError):
+    """The leaf has more than one URI subject alternative name."""
+
+    reason = "multiple_uri_sans"
+
+
+class NonSpiffeUriError(SvidError):
+    """The leaf's URI SAN is not a valid SPIFFE ID."""
+
+    reason = "non_spiffe_uri"
+
+
+class UnexpectedSpiffeIdError(SvidError):
+    """The leaf's SPIFFE ID is valid but not one of the identities expected for the peer."""
+
+    reason = "unexpected_spiffe_id"
+
+
+class LeafIsCaError(SvidError):
+    """The leaf certificate says CA:TRUE."""
+
+    reason = "leaf_is_ca"
+
+
+class KeyUsageError(SvidError):
+    """The leaf's key usage lacks digitalSignature, or allows keyCertSign / cRLSign."""
+
+    reason = "bad_key_usage"
+
+
+class KeyMismatchError(SvidError):
+    """The private key does not belong to the leaf certificate."""
+
+    reason = "key_mismatch"
 
 
 class EngineError(ZtunError):

@@ -1,0 +1,635 @@
+"""``Tunnel``: the engine behind a small, safe Python API.
+
+A Tunnel owns one C engine (worker threads that move bytes without the GIL). Python
+only sets things up — listeners, identities, policy — and receives events in
+batches; it never runs per byte or per accepted connection.
+
+    with Tunnel() as t:
+        fwd = t.forward(listen=("127.0.0.1", 0), to=("127.0.0.1", 8080))
+        ...  # connect to fwd.address
+
+With an identity (a SPIFFE SVID) and a trust bundle, ``forward(..., expect=[ids])``
+carries the connections over mutual TLS 1.3 and ``listen(...)`` terminates mutual
+TLS in front of a local service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import select
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ztun._core import _engine
+from ztun.errors import EngineError, IdentityError, ZtunError
+from ztun.events import (
+    ConnectionEvent,
+    EngineLog,
+    access_log_line,
+    access_logger,
+    engine_logger,
+    parse_event,
+)
+from ztun.identity import IdentitySource, SpiffeId, Svid, TrustBundle
+from ztun.mesh import HBONE_PORT, MeshMixin
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from ztun.rotation import IdentityManager
+
+__all__ = ["Forward", "Listener", "Tunnel", "TunnelStats"]
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+EventCallback = Callable[[ConnectionEvent], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelStats:
+    """Counters summed over the engine's workers at the time of the call."""
+
+    bytes_sent: int  # read from clients (downstream), written upstream
+    bytes_received: int  # read from upstream, written to clients
+    connections_opened: int
+    connections_closed: int
+    connections_active: int
+    connections_failed: int
+    close_reasons: dict[str, int] = field(default_factory=dict)
+    handshakes: int = 0
+    handshakes_resumed: int = 0
+    policy_allowed: int = 0
+    policy_denied: int = 0
+    policy_dry_run: int = 0
+    events_dropped: int = 0
+    buffers_in_use: int = 0
+    buffer_bytes: int = 0
+
+    @property
+    def failures(self) -> dict[str, int]:
+        """Close reasons that are failures, with their counts (zero counts left out)."""
+        benign = {"ok", "reset_by_downstream", "reset_by_upstream"}
+        return {k: v for k, v in self.close_reasons.items() if v and k not in benign}
+
+
+def _check_address(value: object, name: str, *, allow_port_zero: bool) -> Address:
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise ValueError(f"{name}: expected a (host, port) tuple, got {value!r}")
+    host, port = value
+    if not isinstance(host, str):
+        raise ValueError(f"{name}: host must be a string IP address, got {host!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{name}: host must be an IP address literal, got {host!r}") from None
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ValueError(f"{name}: port must be an integer, got {port!r}")
+    low = 0 if allow_port_zero else 1
+    if not low <= port <= 65535:
+        raise ValueError(f"{name}: port must be in {low}..65535, got {port}")
+    return (host, port)
+
+
+def _positive(value: float | None, name: str) -> int:
+    """Seconds -> milliseconds for the engine; None -> 0 (never)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{name}: expected a positive number of seconds, got {value!r}")
+    return max(1, round(value * 1000))
+
+
+class _Endpoint:
+    """Common part of Forward and Listener handles."""
+
+    def __init__(self, tunnel: Tunnel, listener_id: int, address: Address) -> None:
+        self._tunnel = tunnel
+        self.id = listener_id
+        self.address: Address = address
+        self._closed = False
+
+    def close(self) -> None:
+        """Stop accepting; connections already relayed keep going."""
+        if self._closed:
+            return
+        self._closed = True
+        self._tunnel._remove_listener(self)
+
+    def __enter__(self) -> _Endpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.address[0]}:{self.address[1]} id={self.id}>"
+
+
+class Forward(_Endpoint):
+    """A local port whose connections are carried to ``to`` (plaintext or mTLS)."""
+
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        listener_id: int,
+        address: Address,
+        to: Address,
+        expect: tuple[str, ...],
+    ) -> None:
+        super().__init__(tunnel, listener_id, address)
+        self.to = to
+        self.expect = expect
+
+    @property
+    def secure(self) -> bool:
+        return bool(self.expect)
+
+
+class Listener(_Endpoint):
+    """An mTLS port whose authenticated connections are forwarded to a local target."""
+
+    def __init__(self, tunnel: Tunnel, listener_id: int, address: Address, to: Address) -> None:
+        super().__init__(tunnel, listener_id, address)
+        self.to = to
+
+
+class Tunnel(MeshMixin):
+    """An embeddable zero-trust tunnel.
+
+    Parameters (all keyword-only):
+        identity: this tunnel's identity, for mutual TLS. Either an :class:`~ztun.Svid`
+            (certificate chain and key, used as is) with ``trust``, or an
+            :class:`~ztun.IdentitySource` (the embedded CA, files, the SPIFFE Workload
+            API) with ``spiffe_id``: the tunnel then renews the certificate at half its
+            lifetime and new handshakes use the new one. Without an identity only
+            plaintext forwards are possible.
+        trust: the trust bundle peers are verified against (with an ``Svid``; a source
+            brings its own).
+        spiffe_id: which identity to fetch from an ``IdentitySource``.
+        workers: engine threads; 0 means one per CPU.
+        connect_timeout / handshake_timeout / idle_timeout: seconds (idle: None = never).
+        resumption: let TLS 1.3 clients resume sessions (saves the certificate work of
+            a full handshake; see docs/performance.md for the figures).
+        chacha20: also offer TLS_CHACHA20_POLY1305_SHA256.
+        access_log: log one line per finished connection on the ``ztun.access`` logger.
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: Svid | IdentitySource | None = None,
+        trust: TrustBundle | None = None,
+        spiffe_id: str | SpiffeId | None = None,
+        workers: int = 0,
+        connect_timeout: float = 10.0,
+        handshake_timeout: float = 10.0,
+        idle_timeout: float | None = None,
+        resumption: bool = True,
+        chacha20: bool = False,
+        access_log: bool = True,
+    ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:
+            raise ValueError(f"workers: expected 0 (one per CPU) to 256, got {workers!r}")
+        self._source: IdentitySource | None = None
+        self._spiffe_id: SpiffeId | None = None
+        self._manager: IdentityManager | None = None
+        if isinstance(identity, Svid):
+            if trust is None:
+                raise ValueError("trust: an Svid identity needs a TrustBundle to verify peers")
+            if spiffe_id is not None and SpiffeId.parse(spiffe_id) != identity.spiffe_id:
+                raise ValueError(f"spiffe_id: {spiffe_id} is not the Svid's {identity.spiffe_id}")
+        elif identity is not None:
+            if not all(hasattr(identity, m) for m in ("fetch", "bundle", "poll")):
+                kind = type(identity).__name__
+                raise ValueError(f"identity: expected an Svid or an IdentitySource, got {kind}")
+            if spiffe_id is None:
+                raise ValueError("spiffe_id: required to fetch an identity from a source")
+            self._source = identity
+            self._spiffe_id = SpiffeId.parse(spiffe_id)
+            identity = None
+        elif trust is not None:
+            raise ValueError("identity: a trust bundle was given without an identity")
+        self._connect_ms = _positive(connect_timeout, "connect_timeout")
+        self._handshake_ms = _positive(handshake_timeout, "handshake_timeout")
+        self._idle_ms = _positive(idle_timeout, "idle_timeout")
+        self._workers = workers
+        self._identity = identity
+        self._trust = trust
+        self._tls_flags = (_engine.TLS_RESUMPTION if resumption else 0) | (
+            _engine.TLS_CHACHA20 if chacha20 else 0
+        )
+        self._access_log = access_log
+        self._engine: _engine.Engine | None = None
+        self._tls: _engine.TlsContext | None = None
+        self._endpoints: dict[int, _Endpoint] = {}
+        self._subscribers: list[EventCallback] = []
+        self._lock = threading.RLock()
+        self._pump: threading.Thread | None = None
+        self._pump_stop: int | None = None  # write end of a pipe that wakes the pump
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._mesh_init()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._engine is not None
+
+    def start(self) -> Tunnel:
+        """Start the engine's workers (and the event thread). Idempotent.
+
+        With an identity source, waits until the first certificate is there.
+        """
+        with self._lock:
+            if self._closed:
+                raise ZtunError("this Tunnel is closed; create a new one")
+            if self._engine is not None:
+                return self
+            need_manager = self._source is not None and self._manager is None
+        # Outside the lock: the rotation thread delivers the first certificate
+        # through set_identity(), which takes it.
+        if need_manager:
+            self._start_manager()
+        with self._lock:
+            if self._engine is not None:
+                return self
+            if self._tls is None and self._identity is not None:
+                self._tls = self._make_tls(self._identity, self._trust)
+            engine = _engine.Engine(
+                workers=self._workers,
+                connect_timeout_ms=self._connect_ms,
+                handshake_timeout_ms=self._handshake_ms,
+                idle_timeout_ms=self._idle_ms,
+            )
+            engine.start()
+            self._engine = engine
+            log.debug("tunnel started with %d workers", engine.workers)
+        return self
+
+    def close(self, drain: float = 0.0) -> None:
+        """Stop accepting, let connections finish for up to ``drain`` seconds, stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            engine = self._engine
+        if engine is None:
+            return
+        if self._manager is not None:
+            self._manager.stop()
+        engine.stop(round(drain * 1000) if drain > 0 else 0)
+        self._stop_pump()
+        self._drain_events()
+        self._mesh_close()
+        engine.close()
+        with self._lock:
+            self._engine = None
+            self._endpoints.clear()
+
+    def __enter__(self) -> Tunnel:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Tunnel:
+        self._loop = asyncio.get_running_loop()
+        self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        # Stopping joins the workers: keep the event loop responsive meanwhile.
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    def __del__(self) -> None:
+        if getattr(self, "_engine", None) is not None and not self._closed:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)
+            with contextlib.suppress(Exception):
+                self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self._engine else "new")
+        return f"<Tunnel {state} listeners={len(self._endpoints)}>"
+
+    def _require_engine(self) -> _engine.Engine:
+        if self._closed:
+            raise ZtunError("this Tunnel is closed")
+        if self._engine is None:
+            self.start()
+        assert self._engine is not None
+        return self._engine
+
+    # ---- TLS -------------------------------------------------------------
+
+    def _make_tls(self, identity: Svid, trust: TrustBundle | None) -> _engine.TlsContext:
+        assert trust is not None
+        roots = {td: trust.pem(td) for td in trust.trust_domains}
+        try:
+            return _engine.TlsContext(
+                identity.chain_pem(), identity.key_pem(), roots, flags=self._tls_flags
+            )
+        except EngineError as e:
+            raise IdentityError(f"identity {identity.spiffe_id}: {e}") from None
+
+    def _start_manager(self) -> None:
+        from ztun.rotation import IdentityManager
+
+        assert self._source is not None and self._spiffe_id is not None
+        self._manager = IdentityManager(
+            self._source, [self._spiffe_id], on_update=self._on_identity_update
+        )
+        self._manager.start()
+        try:
+            self._manager.wait_ready()
+        except BaseException:
+            self._manager.stop()
+            raise
+
+    def _on_identity_update(self, spiffe_id: SpiffeId, svid: Svid, bundle: TrustBundle) -> None:
+        # Runs on the rotation thread; raising makes the manager retry with backoff.
+        self.set_identity(svid, bundle)
+
+    @property
+    def identity(self) -> str | None:
+        """This tunnel's own SPIFFE ID, when it has an identity."""
+        if self._tls is not None:
+            return self._tls.identity
+        return str(self._spiffe_id) if self._spiffe_id is not None else None
+
+    @property
+    def certificate(self) -> Svid | None:
+        """The certificate new handshakes use."""
+        return self._identity
+
+    def set_identity(self, identity: Svid, trust: TrustBundle | None = None) -> None:
+        """Use a new certificate (and bundle) for new handshakes; live connections keep theirs."""
+        tls = self._make_tls(identity, trust or self._trust)
+        with self._lock:
+            self._identity = identity
+            if trust is not None:
+                self._trust = trust
+            self._tls = tls
+            engine = self._engine
+            if engine is None:
+                return
+            for ep in self._endpoints.values():
+                if isinstance(ep, Listener) or (isinstance(ep, Forward) and ep.secure):
+                    engine.set_listener_tls(ep.id, tls)
+
+    # ---- listeners -------------------------------------------------------
+
+    def forward(
+        self,
+        listen: Address,
+        to: Address,
+        *,
+        expect: Sequence[str] | None = None,
+        plaintext: bool = False,
+        via: Address | None = None,
+        protocol: str | None = None,
+    ) -> Forward:
+        """Accept on ``listen``; carry each connection to ``to``.
+
+        With ``expect`` (the SPIFFE IDs the server at ``to`` may present), the
+        connection to ``to`` is mutual TLS 1.3 and the server's identity is verified.
+        Without it the forward is plaintext, which needs ``plaintext=True`` when this
+        tunnel has an identity (so a forgotten ``expect`` never silently downgrades).
+
+        ``protocol`` is ``"tls"`` (default: one mTLS connection per connection, to
+        ``to``) or ``"hbone"`` (HTTP/2 CONNECT streams over pooled mTLS connections to
+        ``via``, default ``to``'s IP on port 15008, with ``to`` as the authority).
+        """
+        if protocol is None:
+            protocol = "hbone" if via is not None else "tls"
+        if protocol not in ("tls", "hbone"):
+            raise ValueError(f"protocol: expected 'tls' or 'hbone', got {protocol!r}")
+        listen = _check_address(listen, "listen", allow_port_zero=True)
+        to = _check_address(to, "to", allow_port_zero=False)
+        ids: tuple[str, ...] = ()
+        if expect is not None:
+            if isinstance(expect, str):
+                raise ValueError("expect: expected a list of SPIFFE IDs, got a single string")
+            ids = tuple(self._check_spiffe(s, "expect") for s in expect)
+            if not ids:
+                raise ValueError("expect: at least one SPIFFE ID is required for mTLS")
+            if not self._has_identity:
+                raise ValueError("expect: mutual TLS needs Tunnel(identity=..., trust=...)")
+            if plaintext:
+                raise ValueError("plaintext: cannot be combined with expect")
+        elif self._has_identity and not plaintext:
+            raise ValueError(
+                "expect: this tunnel has an identity, so forwards use mTLS: pass the server's "
+                "SPIFFE IDs in expect=[...] (or plaintext=True for a plaintext forward)"
+            )
+        if protocol == "hbone" and not ids:
+            raise ValueError("expect: HBONE needs the SPIFFE IDs the server may present")
+        engine = self._require_engine()
+        if ids and protocol == "hbone":
+            hop = _check_address(via, "via", allow_port_zero=False) if via else (to[0], HBONE_PORT)
+            lid, bound = engine.add_listener(
+                _engine.MODE_HBONE_OUT, listen, hop, target=to, tls=self._tls, expect=ids
+            )
+        elif ids:
+            lid, bound = engine.add_listener(
+                _engine.MODE_TLS_OUT, listen, to, tls=self._tls, expect=ids
+            )
+        else:
+            lid, bound = engine.add_listener(_engine.MODE_FORWARD, listen, to)
+        handle = Forward(self, lid, bound, to, ids)
+        with self._lock:
+            self._endpoints[lid] = handle
+        self._ensure_pump()
+        return handle
+
+    def listen(self, listen: Address, to: Address) -> Listener:
+        """Terminate mutual TLS on ``listen`` and forward to the local target ``to``.
+
+        Clients must present an SVID of this tunnel's trust domain; the peer's SPIFFE
+        ID of each connection is reported in events and the access log.
+        """
+        listen = _check_address(listen, "listen", allow_port_zero=True)
+        to = _check_address(to, "to", allow_port_zero=False)
+        if not self._has_identity:
+            raise ValueError("identity: listen() terminates mTLS and needs Tunnel(identity=...)")
+        engine = self._require_engine()
+        lid, bound = engine.add_listener(_engine.MODE_TLS_IN, listen, to, tls=self._tls)
+        handle = Listener(self, lid, bound, to)
+        with self._lock:
+            self._endpoints[lid] = handle
+        self._ensure_pump()
+        return handle
+
+    def _remove_listener(self, ep: _Endpoint) -> None:
+        with self._lock:
+            self._endpoints.pop(ep.id, None)
+            engine = self._engine
+        if engine is not None:
+            with contextlib.suppress(EngineError):
+                engine.remove_listener(ep.id)
+
+    @property
+    def _has_identity(self) -> bool:
+        return self._identity is not None or self._source is not None
+
+    @staticmethod
+    def _check_spiffe(value: object, name: str) -> str:
+        if isinstance(value, SpiffeId):
+            return str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{name}: expected SPIFFE ID strings, got {value!r}")
+        try:
+            return str(SpiffeId.parse(value))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+    # ---- counters and events --------------------------------------------
+
+    def stats(self) -> TunnelStats:
+        """The engine's counters, summed over workers."""
+        s = self._require_engine().stats()
+        return TunnelStats(
+            bytes_sent=s["bytes_down_up"],
+            bytes_received=s["bytes_up_down"],
+            connections_opened=s["connections_opened"],
+            connections_closed=s["connections_closed"],
+            connections_active=s["connections_active"],
+            connections_failed=s["connections_failed"],
+            close_reasons=dict(s["close_reasons"]),
+            handshakes=s["handshakes"],
+            handshakes_resumed=s["handshakes_resumed"],
+            policy_allowed=s["policy_allowed"],
+            policy_denied=s["policy_denied"],
+            policy_dry_run=s["policy_dry_run"],
+            events_dropped=s["events_dropped"],
+            buffers_in_use=s["buffers_in_use"],
+            buffer_bytes=s["buffer_bytes"],
+        )
+
+    @property
+    def workers(self) -> int:
+        return self._require_engine().workers
+
+    def subscribe(self, callback: EventCallback) -> Callable[[], None]:
+        """Call ``callback(event)`` for each connection event; returns an unsubscribe."""
+        with self._lock:
+            self._subscribers.append(callback)
+        self._ensure_pump()
+
+        def unsubscribe() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def _ensure_pump(self) -> None:
+        """Start delivering events: on the asyncio loop if we run in one, else a thread."""
+        with self._lock:
+            if self._engine is None or self._pump is not None or self._pump_stop is not None:
+                return
+            engine = self._engine
+            if self._loop is not None:
+                self._loop.add_reader(engine.event_fd, self._on_events_readable)
+                self._pump_stop = -1
+                self._drain_events()
+                return
+            import os
+
+            r, w = os.pipe()
+            self._pump_stop = w
+            self._pump = threading.Thread(
+                target=self._pump_main, args=(engine, r), name="ztun-events", daemon=True
+            )
+            self._pump.start()
+
+    def _stop_pump(self) -> None:
+        import os
+
+        with self._lock:
+            pump, stop = self._pump, self._pump_stop
+            self._pump, self._pump_stop = None, None
+            engine = self._engine
+        if stop == -1 and self._loop is not None and engine is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(engine.event_fd)
+        elif stop is not None and stop >= 0:
+            os.write(stop, b"x")
+            if pump is not None:
+                pump.join()
+            os.close(stop)
+
+    def _pump_main(self, engine: _engine.Engine, stop_fd: int) -> None:
+        import os
+
+        poller = select.poll()
+        poller.register(engine.event_fd, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
+        try:
+            while True:
+                if engine.arm_events():
+                    self._drain_events()
+                    continue
+                ready = poller.poll()  # releases the GIL while it waits
+                if any(fd == stop_fd for fd, _ in ready):
+                    return
+                self._drain_events()
+        finally:
+            os.close(stop_fd)
+
+    def _on_events_readable(self) -> None:
+        self._drain_events()
+        engine = self._engine
+        while engine is not None and engine.arm_events():
+            self._drain_events()
+
+    def _drain_events(self) -> None:
+        engine = self._engine
+        if engine is None:
+            return
+        while True:
+            batch = engine.read_events()
+            if not batch:
+                return
+            for raw in batch:
+                self._dispatch(parse_event(raw))
+
+    def _dispatch(self, ev: ConnectionEvent | EngineLog | None) -> None:
+        if isinstance(ev, EngineLog):
+            engine_logger.log(ev.level, "%s", ev.message)
+            return
+        if ev is None:
+            return
+        if ev.kind == "connect_done":
+            self._on_connect_done(ev)
+            return
+        if ev.kind == "accept":
+            if self._closed:
+                os.close(ev.fd) if ev.fd is not None and ev.fd >= 0 else None
+            else:
+                self._on_accept(ev)
+            return
+        if ev.kind == "close" and self._access_log and access_logger.isEnabledFor(logging.INFO):
+            access_logger.info("%s", access_log_line(ev))
+        for cb in list(self._subscribers):
+            try:
+                cb(ev)
+            except Exception:
+                log.exception("event subscriber %r failed", cb)
