@@ -35,7 +35,7 @@ def _bpf_ready() -> None:
 
 
 @pytest.fixture
-def cgroup() -> Iterator[Path]:
+def joined_cgroup() -> Iterator[Path]:
     """A fresh child cgroup v2 holding this test process (and so its children); the process
     goes back to where it was and the directory is removed afterwards, even on failure."""
     origin = bpf.own_cgroup()

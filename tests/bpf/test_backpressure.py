@@ -82,8 +82,8 @@ def _app_pair(acc: bpf.SockmapAccelerator) -> tuple[socket.socket, socket.socket
 
 
 @pytest.mark.parametrize("cap", [0, 256 << 10])
-def test_hop_slow_consumer_is_bounded(cap: int, cgroup: Path) -> None:
-    with bpf.SockmapAccelerator(cgroup, ingress_cap=cap) as acc:
+def test_hop_slow_consumer_is_bounded(cap: int, joined_cgroup: Path) -> None:
+    with bpf.SockmapAccelerator(joined_cgroup, ingress_cap=cap) as acc:
         ls, a, b = _app_pair(acc)
         with ls, a, b:
             sent = _fill(a, LIMIT)
@@ -100,9 +100,9 @@ def test_hop_slow_consumer_is_bounded(cap: int, cgroup: Path) -> None:
     assert sent < bound + (24 << 20)
 
 
-def test_control_without_cap_queues_everything(cgroup: Path) -> None:
+def test_control_without_cap_queues_everything(joined_cgroup: Path) -> None:
     """The kernel alone: with the cap lifted the sender is never stopped below LIMIT."""
-    with bpf.SockmapAccelerator(cgroup, ingress_cap=0xFFFFFFFF) as acc:
+    with bpf.SockmapAccelerator(joined_cgroup, ingress_cap=0xFFFFFFFF) as acc:
         ls, a, b = _app_pair(acc)
         with ls, a, b:
             t0 = time.monotonic()
@@ -115,7 +115,7 @@ def test_control_without_cap_queues_everything(cgroup: Path) -> None:
     assert queued >= LIMIT - (1 << 20)
 
 
-def test_pair_slow_consumer_is_bounded(ztrelay: Path, procs: Procs, cgroup: Path) -> None:
+def test_pair_slow_consumer_is_bounded(ztrelay: Path, procs: Procs, joined_cgroup: Path) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)
@@ -126,7 +126,7 @@ def test_pair_slow_consumer_is_bounded(ztrelay: Path, procs: Procs, cgroup: Path
         f"127.0.0.1:{port}",
         f"127.0.0.1:{server.getsockname()[1]}",
         "--bpf",
-        str(cgroup),
+        str(joined_cgroup),
         "--pairs",
     )
     with server:

@@ -38,9 +38,9 @@ def _exchange(a: socket.socket, b: socket.socket, n: int = 4 << 20) -> None:
     ids=["ipv6", "v4mapped-client", "v4mapped-listener"],
 )
 def test_hop_across_families(
-    listen_family: int, listen_addr: str, client_family: int, client_addr: str, cgroup: Path
+    listen_family: int, listen_addr: str, client_family: int, client_addr: str, joined_cgroup: Path
 ) -> None:
-    with bpf.SockmapAccelerator(cgroup) as acc:
+    with bpf.SockmapAccelerator(joined_cgroup) as acc:
         ls = socket.socket(listen_family)
         if listen_family == socket.AF_INET6:
             ls.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)

@@ -78,10 +78,10 @@ def _run(
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_integrity(variant: str, ztrelay: Path, procs: Procs, cgroup: Path) -> None:
+def test_integrity(variant: str, ztrelay: Path, procs: Procs, joined_cgroup: Path) -> None:
     v = VARIANTS[variant]
     n, want_direct, want_relayed = v.n, v.direct, v.relayed
-    jobs, server, lines = _run(ztrelay, procs, cgroup, v, seed=zlib.crc32(variant.encode()))
+    jobs, server, lines = _run(ztrelay, procs, joined_cgroup, v, seed=zlib.crc32(variant.encode()))
     bad = mismatches(jobs, server)
     assert not bad, f"{len(bad)} mismatches, first: {bad[:5]}"
     assert len(lines) == n, "relay did not report every connection"

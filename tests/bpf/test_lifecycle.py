@@ -58,18 +58,18 @@ def test_available_reports_this_kernel() -> None:
     assert f.kernel in why
 
 
-def test_attach_detach_in_child_cgroup(cgroup: Path) -> None:
-    acc = bpf.SockmapAccelerator(cgroup)
+def test_attach_detach_in_child_cgroup(joined_cgroup: Path) -> None:
+    acc = bpf.SockmapAccelerator(joined_cgroup)
     try:
-        names = {a.get("name") for a in cgroup_attachments(cgroup)}
+        names = {a.get("name") for a in cgroup_attachments(joined_cgroup)}
         assert names == {"ztun_sockops"}
-        mine = ours(cgroup)
+        mine = ours(joined_cgroup)
         assert len(mine["progs"]) == 2 and len(mine["links"]) == 2, mine
         assert bpf.status().active >= 1
         ls, a, b = _hop(acc)
     finally:
         acc.close()
-    assert cgroup_attachments(cgroup) == []
+    assert cgroup_attachments(joined_cgroup) == []
     # Accelerated sockets keep their verdict program until they close ...
     left = wait_gone(mine, timeout=0.5)
     assert left["progs"], "live accelerated sockets lost their program on detach"
@@ -97,7 +97,7 @@ def _hop(acc: bpf.SockmapAccelerator) -> tuple[socket.socket, socket.socket, soc
 
 @pytest.mark.parametrize("live", [False, True])
 def test_sigkilled_loader_leaves_nothing(
-    live: bool, ztrelay: Path, procs: Procs, cgroup: Path
+    live: bool, ztrelay: Path, procs: Procs, joined_cgroup: Path
 ) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -109,10 +109,10 @@ def test_sigkilled_loader_leaves_nothing(
         f"127.0.0.1:{port}",
         f"127.0.0.1:{server.getsockname()[1]}",
         "--bpf",
-        str(cgroup),
+        str(joined_cgroup),
         "--pairs",
     )
-    mine = ours(cgroup)
+    mine = ours(joined_cgroup)
     assert len(mine["progs"]) == 2
     conn = None
     if live:
@@ -134,19 +134,19 @@ def test_sigkilled_loader_leaves_nothing(
             s.close()
     server.close()
     assert wait_gone(mine) == {"progs": set(), "maps": set(), "links": set()}
-    assert cgroup_attachments(cgroup) == []
+    assert cgroup_attachments(joined_cgroup) == []
 
 
-def test_pinned_objects_survive_sigkill_until_cleanup(procs: Procs, cgroup: Path) -> None:
+def test_pinned_objects_survive_sigkill_until_cleanup(procs: Procs, joined_cgroup: Path) -> None:
     pin = bpf.bpffs_root(mount=True) / f"ztun-test-{os.getpid()}"
-    p = procs.start(sys.executable, "-c", _loader_script(cgroup, f", pin_dir={str(pin)!r}"))
-    mine = ours(cgroup)
+    p = procs.start(sys.executable, "-c", _loader_script(joined_cgroup, f", pin_dir={str(pin)!r}"))
+    mine = ours(joined_cgroup)
     p.send_signal(signal.SIGKILL)
     p.wait()
     try:
         time.sleep(0.3)
         assert wait_gone(mine, timeout=0.3) == mine, "pinned objects vanished with the process"
-        assert {a.get("name") for a in cgroup_attachments(cgroup)} == {"ztun_sockops"}
+        assert {a.get("name") for a in cgroup_attachments(joined_cgroup)} == {"ztun_sockops"}
         assert sorted(os.listdir(pin)) == sorted(
             [
                 "link_skmsg",
@@ -161,41 +161,41 @@ def test_pinned_objects_survive_sigkill_until_cleanup(procs: Procs, cgroup: Path
             ]
         )
     finally:
-        removed = bpf.cleanup(pin, cgroup_root=cgroup)
+        removed = bpf.cleanup(pin, cgroup_root=joined_cgroup)
     assert any("unpin" in r for r in removed), removed
     assert not pin.exists()
     assert wait_gone(mine) == {"progs": set(), "maps": set(), "links": set()}
-    assert cgroup_attachments(cgroup) == []
+    assert cgroup_attachments(joined_cgroup) == []
 
 
-def test_cleanup_detaches_a_running_loader(procs: Procs, cgroup: Path) -> None:
-    """`ztund bpf cleanup` while a ztun runs: its links go (scoped here to our cgroup)."""
-    p = procs.start(sys.executable, "-c", _loader_script(cgroup, ""))
-    mine = ours(cgroup)
-    removed = bpf.cleanup(None, cgroup_root=cgroup)
+def test_cleanup_detaches_a_running_loader(procs: Procs, joined_cgroup: Path) -> None:
+    """`ztund bpf cleanup` while a ztun runs: its links go (scoped here to our joined_cgroup)."""
+    p = procs.start(sys.executable, "-c", _loader_script(joined_cgroup, ""))
+    mine = ours(joined_cgroup)
+    removed = bpf.cleanup(None, cgroup_root=joined_cgroup)
     assert len([r for r in removed if r.startswith("detach link")]) == 2, removed
-    assert cgroup_attachments(cgroup) == []
+    assert cgroup_attachments(joined_cgroup) == []
     procs.stop(p)
     assert wait_gone(mine) == {"progs": set(), "maps": set(), "links": set()}
 
 
-def test_legacy_attachment_is_cleaned_after_sigkill(procs: Procs, cgroup: Path) -> None:
+def test_legacy_attachment_is_cleaned_after_sigkill(procs: Procs, joined_cgroup: Path) -> None:
     """Legacy bpf_prog_attach (kernels < 6.10) outlives the process: cleanup finds it."""
-    p = procs.start(sys.executable, "-c", _loader_script(cgroup, ", legacy_attach=True"))
-    mine = ours(cgroup)
+    p = procs.start(sys.executable, "-c", _loader_script(joined_cgroup, ", legacy_attach=True"))
+    mine = ours(joined_cgroup)
     assert mine["links"] == set()
     p.send_signal(signal.SIGKILL)
     p.wait()
     time.sleep(0.3)
-    assert {a.get("name") for a in cgroup_attachments(cgroup)} == {"ztun_sockops"}
-    removed = bpf.cleanup(None, cgroup_root=cgroup)
+    assert {a.get("name") for a in cgroup_attachments(joined_cgroup)} == {"ztun_sockops"}
+    removed = bpf.cleanup(None, cgroup_root=joined_cgroup)
     assert any(r.startswith("detach prog") for r in removed), removed
-    assert cgroup_attachments(cgroup) == []
+    assert cgroup_attachments(joined_cgroup) == []
     assert wait_gone(mine) == {"progs": set(), "maps": set(), "links": set()}
 
 
-def test_engine_handle_and_errors(cgroup: Path) -> None:
-    with bpf.SockmapAccelerator(cgroup) as acc:
+def test_engine_handle_and_errors(joined_cgroup: Path) -> None:
+    with bpf.SockmapAccelerator(joined_cgroup) as acc:
         h, api = acc.engine_handle()
         assert h and api
         assert acc.mark == bpf.DEFAULT_MARK
@@ -205,4 +205,4 @@ def test_engine_handle_and_errors(cgroup: Path) -> None:
             acc.pair_del(12345)
         assert acc.socket_count() == 0
     with pytest.raises(BpfError, match="attach to cgroup"):
-        bpf.SockmapAccelerator(cgroup / "does-not-exist")
+        bpf.SockmapAccelerator(joined_cgroup / "does-not-exist")

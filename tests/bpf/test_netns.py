@@ -49,13 +49,13 @@ def inside(path: str) -> Iterator[None]:
         os.close(target)
 
 
-def test_same_tuple_in_two_namespaces(cgroup: Path) -> None:
+def test_same_tuple_in_two_namespaces(joined_cgroup: Path) -> None:
     port, cport = 19333, 19334
     hops = []
     with (
         netns(f"ztun-t1-{os.getpid()}") as n1,
         netns(f"ztun-t2-{os.getpid()}") as n2,
-        bpf.SockmapAccelerator(cgroup) as acc,
+        bpf.SockmapAccelerator(joined_cgroup) as acc,
     ):
         for ns in (n1, n2):
             with inside(ns):

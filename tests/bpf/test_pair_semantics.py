@@ -101,9 +101,11 @@ def _one_way_then_fin(r: Rig, seed: int) -> tuple[bool, str]:
     return True, ""
 
 
-def test_fin_never_overtakes_redirected_bytes(ztrelay: Path, procs: Procs, cgroup: Path) -> None:
+def test_fin_never_overtakes_redirected_bytes(
+    ztrelay: Path, procs: Procs, joined_cgroup: Path
+) -> None:
     n = 300
-    with rig(ztrelay, procs, cgroup) as r:
+    with rig(ztrelay, procs, joined_cgroup) as r:
         with ThreadPoolExecutor(max_workers=8) as ex:
             results = list(ex.map(lambda i: _one_way_then_fin(r, i), range(n)))
         lines = r.lines(n)
@@ -117,8 +119,10 @@ def test_fin_never_overtakes_redirected_bytes(ztrelay: Path, procs: Procs, cgrou
 
 
 @pytest.mark.parametrize("who", ["client", "server"])
-def test_rst_reaches_the_other_app(who: str, ztrelay: Path, procs: Procs, cgroup: Path) -> None:
-    with rig(ztrelay, procs, cgroup) as r:
+def test_rst_reaches_the_other_app(
+    who: str, ztrelay: Path, procs: Procs, joined_cgroup: Path
+) -> None:
+    with rig(ztrelay, procs, joined_cgroup) as r:
         a, b = r.connect()
         resetter, other = (a, b) if who == "client" else (b, a)
         resetter.sendall(b"x" * 100_000)
@@ -133,7 +137,7 @@ def test_rst_reaches_the_other_app(who: str, ztrelay: Path, procs: Procs, cgroup
 
 
 def test_close_with_data_queued_delivers_everything(
-    ztrelay: Path, procs: Procs, cgroup: Path
+    ztrelay: Path, procs: Procs, joined_cgroup: Path
 ) -> None:
     """A writes more than the ingress cap (tcp_rmem[2], 32 MiB here) and closes while most
     of it is queued (part redirected into B, part in ztun's buffers and TCP queues); B
@@ -141,7 +145,7 @@ def test_close_with_data_queued_delivers_everything(
     with open("/proc/sys/net/ipv4/tcp_rmem") as f:
         cap = int(f.read().split()[2])
     data = random.Random(1).randbytes(cap + (24 << 20))
-    with rig(ztrelay, procs, cgroup) as r:
+    with rig(ztrelay, procs, joined_cgroup) as r:
         a, b = r.connect()
         w = threading.Thread(target=lambda: (a.sendall(data), a.close()))
         with b:
@@ -201,11 +205,11 @@ def _stream_until_error(
 
 @pytest.mark.parametrize("how", ["sigkill", "policy"])
 def test_ztun_gone_mid_transfer_is_an_error(
-    how: str, ztrelay: Path, procs: Procs, cgroup: Path
+    how: str, ztrelay: Path, procs: Procs, joined_cgroup: Path
 ) -> None:
     """ztun dies (SIGKILL) or tears the pair down for policy (SIGUSR1: pair_del, then RST)
     while bytes flow app to app: both apps must get an error, never a clean EOF."""
-    with rig(ztrelay, procs, cgroup) as r:
+    with rig(ztrelay, procs, joined_cgroup) as r:
         a, b = r.connect()
         sig = signal.SIGKILL if how == "sigkill" else signal.SIGUSR1
         with a, b:
@@ -218,13 +222,13 @@ def test_ztun_gone_mid_transfer_is_an_error(
     assert eb == "ConnectionResetError", eb
 
 
-def test_pair_add_refuses_sockets_sock_ops_never_saw(cgroup: Path) -> None:
+def test_pair_add_refuses_sockets_sock_ops_never_saw(joined_cgroup: Path) -> None:
     """A pair needs all four sockets in the sockhash with their state readable; a
     connection on a port ztun never registered is refused, not half-accelerated."""
     from ztun import bpf
     from ztun.errors import BpfError
 
-    with bpf.SockmapAccelerator(cgroup) as acc:
+    with bpf.SockmapAccelerator(joined_cgroup) as acc:
         ls = socket.socket()
         ls.bind(("127.0.0.1", 0))
         ls.listen(4)
