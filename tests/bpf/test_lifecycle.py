@@ -199,6 +199,15 @@ def test_engine_handle_and_errors(joined_cgroup: Path) -> None:
         h, api = acc.engine_handle()
         assert h and api
         assert acc.mark == bpf.DEFAULT_MARK
+        # What the engine does with the two integers: cast, check the ABI, call.
+        from ztun import _bpf
+
+        table = _bpf.ffi.cast("struct ztun_bpf_api *", api)
+        handle = _bpf.ffi.cast("ztun_bpf *", h)
+        assert table.abi == _bpf.lib.ZTUN_BPF_API_ABI
+        assert table.size == _bpf.ffi.sizeof("struct ztun_bpf_api")
+        assert table.mark(handle) == bpf.DEFAULT_MARK
+        assert table.relay_busy(handle, 1 << 32, 0, 1) == -10004  # ZTUN_ENOTFOUND
         with pytest.raises(BpfError, match="pair_add"):
             acc.pair_add(0, 1)
         with pytest.raises(BpfError, match="pair_del"):
