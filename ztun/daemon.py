@@ -68,7 +68,7 @@ from ztun.metrics import (
 )
 from ztun.netns import run_in_netns
 from ztun.rotation import IdentityManager
-from ztun.tunnel import Forward, Listener, Tunnel
+from ztun.tunnel import Forward, Tunnel
 
 if TYPE_CHECKING:
     from ztun.mesh import HboneServer
@@ -413,7 +413,6 @@ class Daemon:
         for t in tunnels:
             if t is not None:
                 t.set_identity(svid, bundle)
-                _refresh_listener_tls(t)
         log.info(
             "identity %s: certificate serial %s valid until %s",
             sid,
@@ -668,7 +667,7 @@ class Daemon:
         if self._policy_ok:
             for key, rt in self._runtimes.items():
                 if key in want and key not in started and rt.tunnel is not None:
-                    rt.tunnel.set_policy(_nonempty(new.policies))  # type: ignore[attr-defined]
+                    rt.tunnel.set_policy(_nonempty(new.policies))
         for rt in replaced.values():
             self._draining_tunnels.append(self._drain_later(rt, nc.drain_timeout))
         for key, rt in list(self._runtimes.items()):
@@ -1135,25 +1134,6 @@ class Daemon:
         if self._admin is not None:
             self._admin.close()
         log.info("drained in %.1fs; bye", time.monotonic() - t0)
-
-
-def _refresh_listener_tls(t: Tunnel) -> None:
-    """Hand the new certificate to the listeners ``Tunnel.set_identity()`` skips.
-
-    Workaround (notes/requests-daemon.md): on this main, set_identity() refreshes only
-    ``listen()`` ports and secure forwards, so the HBONE inbound (``serve()``) and the
-    SOCKS5 entry point would keep presenting the first certificate after a rotation —
-    and refuse every new handshake once it expires. Remove when set_identity covers them.
-    """
-    engine, tls = t._engine, t._tls
-    if engine is None or tls is None:
-        return
-    with t._lock:
-        eps = list(t._endpoints.values())
-    for ep in eps:
-        if not isinstance(ep, Listener) and not (isinstance(ep, Forward) and ep.secure):
-            with contextlib.suppress(ZtunError):
-                engine.set_listener_tls(ep.id, tls)
 
 
 def _directory(cfg: Config) -> list[Destination]:

@@ -117,6 +117,13 @@ struct zflow {
 	char *baggage;           /* HBONE: baggage header received, malloc'd */
 	struct sockaddr_storage target; /* HBONE: the CONNECT authority */
 	uint64_t request_id;     /* adopted connections: the caller's request */
+	/* The policy verdict (zflow_authorize / re-checks), besides policy/policy_rule. */
+	uint32_t policy_gen;     /* table generation of policy, 0: no table */
+	int32_t dry_run_policy;
+	int32_t dry_run_rule;
+	uint8_t policy_reason;   /* enum ztun_policy_reason, 0: not evaluated */
+	uint8_t policy_flags;    /* ZTUN_EVPOL_* */
+	uint8_t authorized;      /* passed zflow_authorize: re-checked on policy swaps */
 	int deliver_fd;          /* DELIVER: the caller's socketpair end, until handed over */
 	struct sockaddr_storage hop;  /* HBONE out: the HBONE server dialed (ip:15008) */
 	struct ztls_expect *expect;   /* HBONE out: identities the server may present */
@@ -159,6 +166,10 @@ void zflow_deliver(struct zworker *w, struct zflow *f);
 void zflow_set_pending(struct zworker *w, struct zflow *f, uint32_t timeout_ms);
 /* 1: allowed; 0: denied (the verdict is recorded in the flow). */
 int zflow_authorize(struct zworker *w, struct zflow *f);
+/* HBONE_IN: is dst one of the listener's workload_ips, or a workload of the policy
+ * table in force? (Either list may be empty.) */
+int zflow_local_workload(struct zworker *w, const struct zlistener *l,
+			 const struct sockaddr_storage *dst);
 
 /* ---- outbound.c: where outbound connections go --------------------------- */
 /* SOCKS5 negotiation steps (zflow.socks). */

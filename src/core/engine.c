@@ -25,6 +25,7 @@
 #include "conn.h"
 #include "engine_int.h"
 #include "tls_int.h"
+#include "ztun/policy.h"
 
 /* Timers (connect, handshake, idle, drain) fire from a tick of this period. */
 #define TICK_NS (100ull * 1000 * 1000)
@@ -99,6 +100,7 @@ void zlistener_put(struct zlistener *l)
 	ztls_slot_destroy(&l->slot);
 	free(l->baggage);
 	free(l->workload_ips);
+	free(l->workload_key);
 	pthread_mutex_destroy(&l->tls_lock);
 	free(l);
 }
@@ -205,6 +207,8 @@ static void cmd_refuse(struct zcmd *c)
 		close(c->u.adopt.fd);
 		zlistener_put(c->u.adopt.l);
 	}
+	if (c->type == CMD_SET_POLICY)
+		zpolicy_put(c->u.policy); /* the reference taken for this worker */
 	sync_done(c->sync, ZTUN_ECLOSED);
 	free(c);
 }
@@ -246,6 +250,8 @@ static int broadcast(struct ztun_engine *e, const struct zcmd *tmpl, int wait)
 		struct zcmd *c = malloc(sizeof(*c));
 
 		if (!c) {
+			if (tmpl->type == CMD_SET_POLICY)
+				zpolicy_put(tmpl->u.policy); /* this worker's reference */
 			sync_done(&s, ZTUN_ENOMEM);
 			continue;
 		}
@@ -631,6 +637,7 @@ int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out)
 	e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	pthread_mutex_init(&e->ev_lock, NULL);
 	pthread_mutex_init(&e->lock, NULL);
+	pthread_mutex_init(&e->policy_lock, NULL);
 	pthread_mutex_init(&e->dir_lock, NULL);
 	atomic_store(&e->ev_armed, 1);
 	atomic_store(&e->next_conn_id, 1);
@@ -750,6 +757,7 @@ void ztun_engine_free(ztun_engine *e)
 		close(e->evfd);
 	pthread_mutex_destroy(&e->ev_lock);
 	pthread_mutex_destroy(&e->lock);
+	pthread_mutex_destroy(&e->policy_lock);
 	free(e);
 }
 
@@ -841,6 +849,15 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	if (spec->baggage && !(l->baggage = strdup(spec->baggage))) {
 		zlistener_put(l);
 		return ZTUN_ENOMEM;
+	}
+	if (spec->workload_key) {
+		l->workload_key = strdup(spec->workload_key);
+		if (!l->workload_key) {
+			zlistener_put(l);
+			return ZTUN_ENOMEM;
+		}
+		l->workload_key_len = strlen(l->workload_key);
+		l->workload = ZTUN_POLICY_WORKLOAD_DEFAULT;
 	}
 	if (spec->nworkload_ips > 0) {
 		l->workload_ips = malloc((size_t)spec->nworkload_ips * 16);
@@ -1009,27 +1026,56 @@ int ztun_engine_pause_accept(ztun_engine *e)
 	return broadcast(e, &pause, 1);
 }
 
-int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
+int ztun_engine_swap_policy(ztun_engine *e, ztun_policy *table, uint32_t *generation)
 {
 	struct zcmd set = {.type = CMD_SET_POLICY};
 	struct zpolicy *ref = NULL, *old;
-	int rc;
+	uint32_t gen;
+	int rc = 0, state;
 
+	pthread_mutex_lock(&e->policy_lock);
+	gen = ++e->policy_gen;
 	if (table) {
-		ref = zpolicy_new(table);
-		if (!ref)
+		ref = zpolicy_new(table, gen);
+		if (!ref) {
+			ztun_policy_free(table);
+			pthread_mutex_unlock(&e->policy_lock);
 			return ZTUN_ENOMEM;
+		}
 	}
 	pthread_mutex_lock(&e->lock);
+	state = e->state;
+	if (state == 2) {
+		pthread_mutex_unlock(&e->lock);
+		pthread_mutex_unlock(&e->policy_lock);
+		zpolicy_put(ref);
+		return ZTUN_ECLOSED;
+	}
 	old = e->policy;
 	e->policy = ref;
 	/* One reference per worker; each drops its old one when it switches. */
 	for (int i = 0; i < e->nworkers && ref; i++)
 		zpolicy_get(ref);
+	if (state == 0) {
+		/* No worker runs yet (start needs e->lock): install directly. */
+		for (int i = 0; i < e->nworkers; i++) {
+			zpolicy_put(e->workers[i].policy);
+			e->workers[i].policy = ref;
+		}
+	}
 	pthread_mutex_unlock(&e->lock);
-	set.u.policy = ref;
-	rc = broadcast(e, &set, 1);
+	if (state == 1) {
+		set.u.policy = ref;
+		rc = broadcast(e, &set, 1);
+	}
+	/* Every worker now evaluates the new table only (the broadcast waited for each to
+	 * switch), so the old counters are final: carry them over by policy name. */
+	if (old && ref)
+		ztun_policy_counters_carry(ref->table, old->table);
 	zpolicy_put(old);
+	pthread_mutex_unlock(&e->policy_lock);
+	if (generation)
+		*generation = gen;
 	return rc;
 }
 
@@ -1044,6 +1090,35 @@ int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t c
 	pthread_mutex_destroy(&s.mu);
 	*n = s.n;
 	return rc;
+}
+
+int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
+{
+	return ztun_engine_swap_policy(e, table, NULL);
+}
+
+int ztun_engine_policy_counters(ztun_engine *e, struct ztun_policy_counters *out, uint32_t n,
+				uint32_t *count, uint32_t *generation)
+{
+	struct zpolicy *p;
+	uint32_t total = 0;
+
+	if (n && !out)
+		return ZTUN_EINVAL;
+	/* policy_lock: never read a table whose predecessor's totals are not carried yet. */
+	pthread_mutex_lock(&e->policy_lock);
+	p = e->policy;
+	if (p) {
+		total = 1 + ztun_policy_count(p->table);
+		for (uint32_t i = 0; i < n && i < total; i++)
+			ztun_policy_counters(p->table, (int32_t)i - 1, &out[i]);
+	}
+	if (count)
+		*count = total;
+	if (generation)
+		*generation = p ? p->gen : 0;
+	pthread_mutex_unlock(&e->policy_lock);
+	return 0;
 }
 
 int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out)

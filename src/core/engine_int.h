@@ -45,14 +45,20 @@ struct zlistener {
 	char *baggage;                 /* HBONE_OUT: baggage header value, or NULL */
 	uint8_t (*workload_ips)[16];   /* HBONE_IN: addresses of the workloads we serve */
 	uint32_t nworkload_ips;
+	char *workload_key;            /* policy: "namespace/name" of our workload, or NULL */
+	size_t workload_key_len;
+	/* workload_key resolved in table generation (high 32 bits) -> index (low 32 bits):
+	 * a cache any worker may refresh when its table is newer (indices are per table). */
+	_Atomic uint64_t workload_cache;
 };
 
 /* A compiled policy table shared by the workers: the last reference frees it. */
 struct zpolicy {
 	_Atomic int refs;
+	uint32_t gen;       /* 1, 2, ...: named in connection events */
 	ztun_policy *table;
 };
-struct zpolicy *zpolicy_new(ztun_policy *table);
+struct zpolicy *zpolicy_new(ztun_policy *table, uint32_t gen);
 void zpolicy_get(struct zpolicy *p);
 void zpolicy_put(struct zpolicy *p);
 
@@ -210,6 +216,8 @@ struct ztun_engine {
 	pthread_mutex_t dir_lock;
 	struct zdir *dir;
 	int state;               /* 0 new, 1 running, 2 stopped */
+	pthread_mutex_t policy_lock; /* serializes policy swaps (and counter reads against them) */
+	uint32_t policy_gen;     /* the last generation handed out */
 };
 
 /* engine.c */

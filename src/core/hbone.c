@@ -475,20 +475,6 @@ static void respond(struct zh2 *h, struct zflow *f, int status, int with_body)
 	h2_mark(h);
 }
 
-static int is_local_workload(const struct zlistener *l, const struct sockaddr_storage *dst)
-{
-	uint8_t ip[16];
-
-	if (l->nworkload_ips == 0)
-		return 0;
-	addr_ip16(dst, ip);
-	for (uint32_t i = 0; i < l->nworkload_ips; i++) {
-		if (memcmp(l->workload_ips[i], ip, 16) == 0)
-			return 1;
-	}
-	return 0;
-}
-
 /* Refuse an inbound request with an HTTP status; the stream ends, the connection stays. */
 static void refuse(struct zh2 *h, struct zflow *f, int status, int reason, const char *why)
 {
@@ -526,7 +512,7 @@ static void handle_request(struct zh2 *h, struct zflow *f, int end_stream)
 		refuse(h, f, 400, ZTUN_CLOSE_PROTOCOL, "target port is one of ztun's own (15001/15006/15008)");
 		goto out;
 	}
-	if (!is_local_workload(f->l, &dst)) {
+	if (!zflow_local_workload(h->w, f->l, &dst)) {
 		refuse(h, f, 400, ZTUN_CLOSE_PROTOCOL, "target is not a workload of this node");
 		goto out;
 	}

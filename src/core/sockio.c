@@ -53,7 +53,12 @@ void zep_close(struct zep *ep, int reset)
 
 			setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 		}
-		close(ep->fd); /* also leaves the epoll set */
+		/* close() removes the fd from epoll only if no other process holds the
+		 * socket: after a fork() the child's copy would keep delivering events for
+		 * a freed connection. Remove it explicitly. */
+		if (ep->w && ep->w->epfd >= 0)
+			epoll_ctl(ep->w->epfd, EPOLL_CTL_DEL, ep->fd, NULL);
+		close(ep->fd);
 		ep->fd = -1;
 	}
 }

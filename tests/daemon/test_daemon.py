@@ -350,9 +350,16 @@ def test_sighup_policy_denies_new_and_closes_newly_denied_live(mesh: Mesh) -> No
         assert echo_roundtrip(s, b"ok") == b"ok"
     with mesh.api.connect(("127.0.0.1", 9082)) as s:
         assert echo_roundtrip(s, b"no") == b""
-    text = mesh.a.metrics_text()
-    assert value(text, "istio_tcp_connections_closed_total", reporter="destination",
-                 source_workload="api", response_flags="DENY") >= 2  # fmt: skip
+    # The daemon counts a close when its event arrives: give the second one a moment.
+    deadline = time.monotonic() + 10
+    while True:
+        text = mesh.a.metrics_text()
+        denied = value(text, "istio_tcp_connections_closed_total", reporter="destination",
+                       source_workload="api", response_flags="DENY")  # fmt: skip
+        if denied >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert denied >= 2, text
     allowed.close()
     doomed.close()
 

@@ -11,7 +11,7 @@ from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from ztun._core cimport cztun
+from ztun._core cimport cpolicy, cztun
 from ztun._core.cztun cimport sockaddr_storage, socklen_t
 
 import ipaddress
@@ -64,6 +64,9 @@ EV_CONNECT_DONE = cztun.ZTUN_EV_CONNECT_DONE
 EVMASK_OPEN = cztun.ZTUN_EVMASK_OPEN
 EVMASK_CLOSE = cztun.ZTUN_EVMASK_CLOSE
 EVMASK_LOG = cztun.ZTUN_EVMASK_LOG
+EVPOL_DRY_RUN = cztun.ZTUN_EVPOL_DRY_RUN
+EVPOL_DRY_RUN_DENY = cztun.ZTUN_EVPOL_DRY_RUN_DENY
+EVPOL_RECHECKED = cztun.ZTUN_EVPOL_RECHECKED
 
 _EV_NAMES = {
     cztun.ZTUN_EV_CONN_OPEN: "open",
@@ -259,6 +262,11 @@ cdef object _parse_event(const char *p):
             "mode": c.mode,
             "policy": c.policy,
             "policy_rule": c.policy_rule,
+            "policy_gen": c.policy_gen,
+            "policy_reason": c.policy_reason,
+            "policy_flags": c.policy_flags,
+            "dry_run_policy": c.dry_run_policy,
+            "dry_run_rule": c.dry_run_rule,
             "http_status": c.http_status,
             "errno": c.sys_errno,
             "start_ns": c.start_ns,
@@ -373,8 +381,12 @@ cdef class Engine:
     def add_listener(self, int mode, object bind=None, object upstream=None, *,
                      TlsContext tls=None, int fd=-1, object expect=(), uint32_t flags=0,
                      int32_t workload=-1, object target=None, int backlog=0,
-                     object baggage=None, object workload_ips=()):
-        """Open a listener; returns (listener id, bound (host, port))."""
+                     object baggage=None, object workload_ips=(), object workload_key=None):
+        """Open a listener; returns (listener id, bound (host, port)).
+
+        ``workload_key`` ("namespace/name"): the destination workload policy judges this
+        listener's connections as, looked up again in every table set later.
+        """
         cdef cztun.ztun_listener_spec spec
         cdef uint32_t lid = 0
         cdef sockaddr_storage bound
@@ -382,6 +394,7 @@ cdef class Engine:
         cdef int rc, i, n
         cdef const char **ids = NULL
         cdef bytes bag
+        cdef bytes wkey
         cdef bytes ips16 = b"".join(
             ipaddress.IPv6Address(f"::ffff:{ip}").packed if ipaddress.ip_address(ip).version == 4
             else ipaddress.ip_address(ip).packed for ip in workload_ips)
@@ -415,6 +428,11 @@ cdef class Engine:
         if baggage is not None:
             bag = baggage.encode()
             spec.baggage = bag
+        if workload_key is not None:
+            wkey = workload_key.encode()
+            if b"\0" in wkey:
+                raise ValueError("workload_key: must not contain NUL")
+            spec.workload_key = wkey
         if ips16:
             spec.workload_ips = <const unsigned char (*)[16]><const char *>ips16
             spec.nworkload_ips = len(ips16) // 16
@@ -491,12 +509,64 @@ cdef class Engine:
             free(v)
         _check(rc, "directory")
 
+    def tls_listeners(self) -> list:
+        """Ids of the listeners that hold a TLS context (to swap on rotation)."""
+        return list(self._tls_keep)
+
     def pause_accept(self) -> None:
         cdef int rc
         self._alive()
         with nogil:
             rc = cztun.ztun_engine_pause_accept(self._e)
         _check(rc, "pause")
+
+    def set_policy(self, object blob) -> int:
+        """Swap in a compiled policy table (``PolicySet.compile()`` bytes; None removes
+        policy). Returns the table's generation (named in connection events). The blob is
+        validated first: a malformed one raises and changes nothing."""
+        cdef const unsigned char[::1] view
+        cdef const void *ptr = NULL
+        cdef size_t n = 0
+        cdef cpolicy.ztun_policy *t = NULL
+        cdef uint32_t gen = 0
+        cdef int rc
+        self._alive()
+        if blob is not None:
+            view = blob
+            n = view.shape[0]
+            if n:
+                ptr = &view[0]
+            with nogil:
+                rc = cpolicy.ztun_policy_load(ptr, n, &t)
+            _check(rc, "policy table")
+        with nogil:
+            rc = cztun.ztun_engine_swap_policy(self._e, <cztun.ztun_policy *>t, &gen)
+        _check(rc, "set policy")
+        return gen
+
+    def policy_counters(self) -> tuple:
+        """``(generation, [(allowed, denied, dry_run), ...])`` of the table in force:
+        entry 0 is the defaults, entry 1 + i policy i (empty without a table)."""
+        cdef uint32_t count = 0, gen = 0, n
+        cdef cztun.ztun_policy_counters *buf = NULL
+        self._alive()
+        while True:
+            with nogil:
+                cztun.ztun_engine_policy_counters(self._e, NULL, 0, &count, &gen)
+            if count == 0:
+                return gen, []
+            n = count
+            buf = <cztun.ztun_policy_counters *>malloc(n * sizeof(cztun.ztun_policy_counters))
+            if buf == NULL:
+                raise MemoryError()
+            try:
+                with nogil:
+                    cztun.ztun_engine_policy_counters(self._e, buf, n, &count, &gen)
+                if count == n:  # else a swap changed the table size meanwhile: again
+                    return gen, [(buf[i].allowed, buf[i].denied, buf[i].dry_run)
+                                 for i in range(n)]
+            finally:
+                free(buf)
 
     def stats(self) -> dict:
         cdef cztun.ztun_stats s
