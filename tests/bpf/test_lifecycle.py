@@ -137,8 +137,12 @@ def test_sigkilled_loader_leaves_nothing(
     assert cgroup_attachments(joined_cgroup) == []
 
 
-def test_pinned_objects_survive_sigkill_until_cleanup(procs: Procs, joined_cgroup: Path) -> None:
-    pin = bpf.bpffs_root(mount=True) / f"ztun-test-{os.getpid()}"
+def test_pinned_objects_survive_sigkill_until_cleanup(
+    procs: Procs, joined_cgroup: Path, bpf_pin_dir: str
+) -> None:
+    # bpf_pin_dir (harness): a fresh directory on bpffs, mounted for the session if needed
+    # and unmounted at its end if the harness mounted it.
+    pin = Path(bpf_pin_dir) / "acc"
     p = procs.start(sys.executable, "-c", _loader_script(joined_cgroup, f", pin_dir={str(pin)!r}"))
     mine = ours(joined_cgroup)
     p.send_signal(signal.SIGKILL)
