@@ -10,7 +10,17 @@ from typing import Any
 
 import pytest
 
-from hbone.util import OTHER, PEER, TD, ZTUN_CLIENT, ZTUN_SERVER, EventLog, LineHandler, PeerFiles
+from hbone.util import (
+    OTHER,
+    PEER,
+    TD,
+    ZTUN_CLIENT,
+    ZTUN_SERVER,
+    EventLog,
+    LineHandler,
+    PeerFiles,
+    close_within,
+)
 from ztun import Tunnel
 from ztun.testing import SpiffeCA, write_svid_files
 
@@ -54,8 +64,11 @@ def make_tunnel(ca: SpiffeCA) -> Iterator[Callable[..., Tunnel]]:
         return t.start()
 
     yield make
-    for t in made:
-        t.close()
+    hung = [t for t in made if not close_within(t, 20.0)]
+    if hung:
+        pytest.fail(
+            f"Tunnel.close() did not return within 20 s for {hung} (an engine worker is stuck)"
+        )
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +58,15 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         self.sink.append(record.getMessage())
+
+
+def close_within(t: Tunnel, timeout: float) -> bool:
+    """Close ``t`` on a helper thread; False if that did not finish in time (a stuck engine
+    worker must fail the test, not hang the whole run)."""
+    th = threading.Thread(target=t.close, daemon=True, name="tunnel-close")
+    th.start()
+    th.join(timeout)
+    return not th.is_alive()
 
 
 def stats(t: Tunnel) -> dict[str, Any]:
