@@ -87,7 +87,7 @@ def engine_log() -> Iterator[EventLog]:
     subscribe a tunnel's events with ``t.subscribe(log)``."""
     log = EventLog()
     logger = logging.getLogger("ztun.engine")
-    handler = LineHandler(log.lines)
+    handler = LineHandler(log)
     old = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)

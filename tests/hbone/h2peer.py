@@ -162,7 +162,6 @@ class H2Endpoint:
         conn_window: int | None = None,
         auto_ack: bool = True,
         on_event: Callable[[H2Endpoint, Any], None] | None = None,
-        io_timeout: float = 10.0,
     ) -> None:
         self.sock = sock
         self.record = record
@@ -185,15 +184,17 @@ class H2Endpoint:
             self.conn.local_settings = h2.settings.Settings(
                 client=client_side, initial_values=settings
             )
-        sock.settimeout(io_timeout)
+        sock.setblocking(False)
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._wbuf = bytearray()
         self._stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="h2peer")
         with self.lock:
             self.conn.initiate_connection()
             if conn_window:
                 self.conn.increment_flow_control_window(conn_window - 65535)
             self._flush()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="h2peer")
         self.thread.start()
 
     # -- thread-safe operations -------------------------------------------------------
@@ -300,22 +301,49 @@ class H2Endpoint:
                         self.conn.end_stream(sid)
                         self.streams.setdefault(sid, StreamRecord(sid)).end_sent = True
         data = self.conn.data_to_send()
-        if data and not self._silent and not self.record.closed:
+        if data and not self._silent:
+            self._wbuf += data
+            if threading.current_thread() is not self.thread:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"w")
+
+    def _write_some(self) -> None:
+        """Write what is queued, as far as the socket takes it (loop thread only)."""
+        while self._wbuf:
+            with self.lock:
+                chunk = bytes(self._wbuf[: 1 << 16])
             try:
-                self.sock.sendall(data)
-            except (OSError, ValueError) as e:
+                n = self.sock.send(chunk)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                return
+            except (OSError, ValueError) as e:  # the peer closed or reset
                 self.record.error = self.record.error or f"send: {e!r}"
+                self._wbuf.clear()
+                self._stop = True
+                return
+            with self.lock:
+                del self._wbuf[:n]
 
     def _run(self) -> None:
+        # All TLS I/O happens on this thread: OpenSSL must not see concurrent SSL_read and
+        # SSL_write on one connection (a TLS 1.3 session ticket arriving while another
+        # thread writes corrupts records). Other threads queue bytes and wake us.
         try:
             while not self._stop:
+                self._write_some()
                 if not self.sock.pending():
-                    r, _, _ = select.select([self.sock, self._wake_r], [], [], 0.5)
-                    if self._wake_r in r or not r:
+                    wants_write = bool(self._wbuf)
+                    r, _w, _ = select.select(
+                        [self.sock, self._wake_r], [self.sock] if wants_write else [], [], 0.5
+                    )
+                    if self._wake_r in r:
+                        with contextlib.suppress(OSError):
+                            os.read(self._wake_r, 4096)
+                    if self.sock not in r:
                         continue
                 try:
                     data = self.sock.recv(1 << 16)
-                except (TimeoutError, ssl.SSLWantReadError):
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     continue
                 except (OSError, ValueError) as e:
                     self.record.error = self.record.error or f"recv: {e!r}"
@@ -328,11 +356,13 @@ class H2Endpoint:
                     except h2.exceptions.ProtocolError as e:
                         self.record.error = f"h2: {e!r}"
                         self._flush()
-                        break
+                        self._stop = True
+                        events = []
                     for ev in events:
                         self._handle(ev)
                     self._flush()
                     self.cond.notify_all()
+            self._write_some()  # e.g. a GOAWAY queued last
         finally:
             with self.lock:
                 self.record.closed = True

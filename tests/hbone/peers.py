@@ -417,11 +417,14 @@ class NodeClientStream(ClientStream):
         )
 
     def status(self, timeout: float = 10.0) -> int:
-        ev = self.p.wait_for(
-            lambda e: e.get("n") == self.n and e.get("ev") in ("response", "close"),
-            timeout,
-            "response",
-        )
+        def done(e: dict[str, Any]) -> bool:
+            if e.get("ev") in ("session_error", "session_close"):
+                return True
+            return e.get("n") == self.n and e.get("ev") in ("response", "close")
+
+        ev = self.p.wait_for(done, timeout, "response")
+        if ev["ev"] in ("session_error", "session_close"):
+            raise ConnectionError(f"node client: {ev}")
         if ev["ev"] == "close":
             raise AssertionError(f"node stream {self.n} closed without a response: {ev}")
         return int(ev["status"])

@@ -40,6 +40,7 @@ class EventLog:
     def __init__(self) -> None:
         self.events: list[ConnectionEvent] = []
         self.lines: list[str] = []
+        self.records: list[tuple[int, str]] = []  # (logging level, message)
 
     def __call__(self, ev: ConnectionEvent) -> None:
         self.events.append(ev)
@@ -52,12 +53,14 @@ class EventLog:
 
 
 class LineHandler(logging.Handler):
-    def __init__(self, sink: list[str]) -> None:
+    def __init__(self, log: EventLog) -> None:
         super().__init__(logging.DEBUG)
-        self.sink = sink
+        self.log = log
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.sink.append(record.getMessage())
+        msg = record.getMessage()
+        self.log.records.append((record.levelno, msg))
+        self.log.lines.append(msg)
 
 
 def close_within(t: Tunnel, timeout: float) -> bool:
