@@ -138,6 +138,7 @@ class ConnRecord:
     index: int
     peer_ids: list[str] = field(default_factory=list)
     alpn: str | None = None
+    peer_cert: bytes | None = None  # DER of the peer's leaf
     remote_settings: dict[int, int] = field(default_factory=dict)  # first SETTINGS frame
     settings_frames: list[dict[int, int]] = field(default_factory=list)
     window_updates: list[tuple[int, int]] = field(default_factory=list)  # (sid, increment)
@@ -234,9 +235,15 @@ class H2Endpoint:
             self.cond.notify_all()
 
     def goaway(self, code: int = 0) -> None:
+        """A graceful GOAWAY (last stream id = the highest one the peer opened). Written by
+        hand so that h2's state machine stays open: the streams in progress go on, and a
+        PING can follow (``H2ServerPeer.sync``)."""
         with self.lock:
-            self.conn.close_connection(code)
             self._flush()
+            last = self.conn.highest_inbound_stream_id
+            self._wbuf += frame(GOAWAY, 0, 0, struct.pack("!II", last, code))
+            self._flush()
+            self._wake()
 
     def ping(self, data: bytes = b"12345678") -> None:
         with self.lock:
@@ -303,9 +310,12 @@ class H2Endpoint:
         data = self.conn.data_to_send()
         if data and not self._silent:
             self._wbuf += data
-            if threading.current_thread() is not self.thread:
-                with contextlib.suppress(OSError):
-                    os.write(self._wake_w, b"w")
+            self._wake()
+
+    def _wake(self) -> None:
+        if threading.current_thread() is not self.thread:
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"w")
 
     def _write_some(self) -> None:
         """Write what is queued, as far as the socket takes it (loop thread only)."""
@@ -496,12 +506,13 @@ class H2Server:
         if n <= self.fail_first:
             # A peer whose handshake fails: wait a little (others may queue behind it),
             # then reset the TCP connection.
-            time.sleep(self.handshake_delay)
+            self._stop.wait(self.handshake_delay)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             raw.close()
             return
-        if self.handshake_delay:
-            time.sleep(self.handshake_delay)
+        if self.handshake_delay and self._stop.wait(self.handshake_delay):
+            raw.close()
+            return
         try:
             s = self.ctx.wrap_socket(raw, server_side=True)
         except (OSError, ssl.SSLError) as e:
@@ -510,7 +521,10 @@ class H2Server:
             raw.close()
             return
         rec = ConnRecord(
-            len(self.conns), peer_ids=peer_spiffe_ids(s), alpn=s.selected_alpn_protocol()
+            len(self.conns),
+            peer_ids=peer_spiffe_ids(s),
+            alpn=s.selected_alpn_protocol(),
+            peer_cert=s.getpeercert(binary_form=True),
         )
         if rec.alpn != "h2" or (self.expect_client and self.expect_client not in rec.peer_ids):
             rec.error = f"refused: alpn={rec.alpn} peer={rec.peer_ids}"

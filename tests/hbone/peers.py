@@ -131,6 +131,11 @@ class ServerPeer:
     def goaway(self, conn: int = 0) -> None:
         raise NotImplementedError
 
+    def sync(self, conn: int = 0) -> None:
+        """Send a PING on ``conn`` and wait for ztun's ACK: everything sent before it has
+        been processed by ztun (frames are handled in order)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -240,6 +245,11 @@ class NodeServer(ServerPeer):
     def goaway(self, conn: int = 0) -> None:
         self.p.send(op="goaway", conn=conn)
 
+    def sync(self, conn: int = 0) -> None:
+        before = len(self.p.find("pong", conn=conn))
+        self.p.send(op="ping", conn=conn)
+        _wait(lambda: len(self.p.find("pong", conn=conn)) > before, 10, "PING ACK")
+
     def close(self) -> None:
         self.p.close()
 
@@ -337,6 +347,12 @@ class H2ServerPeer(ServerPeer):
 
     def goaway(self, conn: int = 0) -> None:
         self.srv.endpoints[conn].goaway()
+
+    def sync(self, conn: int = 0) -> None:
+        ep = self.srv.endpoints[conn]
+        before = ep.record.ping_acks
+        ep.ping()
+        ep.wait(lambda: ep.record.ping_acks > before, 10, "PING ACK")
 
     def close(self) -> None:
         self.srv.close()

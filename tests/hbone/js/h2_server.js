@@ -66,6 +66,7 @@ server.on('stream', (stream, headers, flags, rawHeaders) => {
   const info = { n };
   streams.push({ stream, info });
   const session = stream.session;
+  session.ztLast = Math.max(session.ztLast || 0, stream.id);
   emit({
     ev: 'stream',
     n,
@@ -134,8 +135,14 @@ commands((cmd) => {
       // Only RST_STREAM (INTERNAL_ERROR): close(code) would send END_STREAM first.
       s.destroy(new Error('reset by the test'));
       break;
-    case 'goaway':
-      sessions[cmd.conn].goaway(cmd.code || 0);
+    case 'goaway': {
+      // lastStreamID: the streams in progress stay valid (a graceful GOAWAY).
+      const sess = sessions[cmd.conn];
+      sess.goaway(cmd.code || 0, cmd.last !== undefined ? cmd.last : sess.ztLast || 0);
+      break;
+    }
+    case 'ping':
+      sessions[cmd.conn].ping((err) => emit({ ev: 'pong', conn: cmd.conn, error: err ? String(err) : null }));
       break;
     case 'state':
       emit({ ev: 'state', conn: cmd.conn, state: sessions[cmd.conn].state });
