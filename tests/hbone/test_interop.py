@@ -580,3 +580,34 @@ def test_integrity_from_node_client(
         )
     s.assert_clean()
     assert stats(server_tunnel)["hbone_connections_opened"] == 1
+
+
+# ====================================================================== IPv6 authorities
+def test_ipv6_authority_both_ways(
+    kind: str,
+    pki: dict[str, PeerFiles],
+    make_tunnel: Callable[..., Tunnel],
+    make_server: Callable[..., EchoServer],
+) -> None:
+    """``:authority`` is ``[ip6]:port`` on the wire (ztun -> peer) and is accepted as such
+    (peer -> ztun), over connections on ::1."""
+    client = make_tunnel(ZTUN_CLIENT)
+    with server_peer(kind, pki["peer"], mode="script", expect_client=ZTUN_CLIENT, host="::1") as p:
+        fwd = client.forward(("127.0.0.1", 0), ("::1", 9000), expect=[PEER], via=p.address)
+        c = socket.create_connection(fwd.address, timeout=10)
+        st = p.stream(0)
+        check_connect_headers(st.raw, "[::1]:9000")
+        st.respond(200)
+        st.write(b"v6")
+        assert recv_exact(c, 2) == b"v6"
+        c.close()
+    echo = make_server("echo", host="::1")
+    server = make_tunnel(ZTUN_SERVER)
+    h = server.serve(("::1", 0), deliver=False)  # workloads: the listen address, ::1
+    with make_client(kind, h.address, pki["peer"]) as pc:
+        s = pc.open(f"[::1]:{echo.address[1]}")
+        assert s.status() == 200
+        s.write(b"over v6")
+        s.end()
+        assert s.data(7) == b"over v6"
+        s.wait_end()
