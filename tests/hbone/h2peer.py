@@ -84,7 +84,8 @@ def client_context(chain: str, key: str, ca: str, alpn: Sequence[str] = ("h2",))
 
 def peer_spiffe_ids(sock: ssl.SSLSocket) -> list[str]:
     cert = sock.getpeercert() or {}
-    return [v for k, v in cert.get("subjectAltName", ()) if k == "URI"]
+    sans: Any = cert.get("subjectAltName", ())
+    return [str(v) for k, v in sans if k == "URI"]
 
 
 def tls_connect(
@@ -183,7 +184,8 @@ class H2Endpoint:
         self.conn = h2.connection.H2Connection(cfg)
         if settings:
             self.conn.local_settings = h2.settings.Settings(
-                client=client_side, initial_values=settings
+                client=client_side,
+                initial_values={h2.settings.SettingCodes(k): v for k, v in settings.items()},
             )
         sock.setblocking(False)
         self._wake_r, self._wake_w = os.pipe()
@@ -343,9 +345,9 @@ class H2Endpoint:
                 self._write_some()
                 if not self.sock.pending():
                     wants_write = bool(self._wbuf)
-                    r, _w, _ = select.select(
-                        [self.sock, self._wake_r], [self.sock] if wants_write else [], [], 0.5
-                    )
+                    rlist: list[Any] = [self.sock, self._wake_r]
+                    wlist: list[Any] = [self.sock] if wants_write else []
+                    r, _w, _ = select.select(rlist, wlist, [], 0.5)
                     if self._wake_r in r:
                         with contextlib.suppress(OSError):
                             os.read(self._wake_r, 4096)
@@ -407,7 +409,7 @@ class H2Endpoint:
             st.ended = True
         elif isinstance(ev, ev_.StreamReset):
             assert st is not None
-            st.reset_code, st.remote_reset = int(ev.error_code), ev.remote_reset
+            st.reset_code, st.remote_reset = int(ev.error_code or 0), ev.remote_reset
             self._out.pop(ev.stream_id, None)
         elif isinstance(ev, ev_.RemoteSettingsChanged):
             frame = {int(k): v.new_value for k, v in ev.changed_settings.items()}
@@ -421,7 +423,11 @@ class H2Endpoint:
         elif isinstance(ev, ev_.PingAckReceived):
             rec.ping_acks += 1
         elif isinstance(ev, ev_.ConnectionTerminated):
-            rec.goaway = (int(ev.error_code), ev.last_stream_id or 0, ev.additional_data or b"")
+            rec.goaway = (
+                int(ev.error_code or 0),
+                ev.last_stream_id or 0,
+                ev.additional_data or b"",
+            )
         if self.on_event is not None:
             self.on_event(self, ev)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import base64
 import time
-from typing import Any
+from typing import Any, Self
 
 from hbone import h2peer
 from hbone.nodepeer import NodePeer
@@ -139,7 +139,7 @@ class ServerPeer:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> ServerPeer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -184,9 +184,10 @@ class NodeServerStream(ServerStream):
     def data(self, n: int, timeout: float = 10.0) -> bytes:
         if n == 0:
             return self._received()
-        return _wait(
+        got = _wait(
             lambda: _at_least(self._received(), n), timeout, f"{n} bytes on node stream {self.n}"
         )
+        return bytes(got)
 
     def wait_end(self, timeout: float = 10.0) -> None:
         self.p.wait("end", timeout, n=self.n)
@@ -414,7 +415,7 @@ class ClientPeer:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> ClientPeer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -466,11 +467,12 @@ class NodeClientStream(ClientStream):
     def data(self, n: int, timeout: float = 10.0) -> bytes:
         if n == 0:
             return self._received()
-        return _wait(
+        got = _wait(
             lambda: _at_least(self._received(), n),
             timeout,
             f"{n} bytes on node client stream {self.n}",
         )
+        return bytes(got)
 
     def wait_end(self, timeout: float = 10.0) -> None:
         self.p.wait("end", timeout, n=self.n)

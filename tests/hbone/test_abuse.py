@@ -14,6 +14,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from harness.fds import FdTracker
@@ -273,7 +274,7 @@ def test_abuse_is_answered_and_engine_survives(case: Abuse, server: Server) -> N
     assert stats(server.t)["connections_active"] == 0
 
 
-def _counted_params() -> list[object]:
+def _counted_params() -> list[Any]:
     out = []
     for a in ABUSES:
         marks = [pytest.mark.xfail(strict=True, reason=a.counted_bug)] if a.counted_bug else []

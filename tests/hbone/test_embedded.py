@@ -19,6 +19,7 @@ from hbone.h2peer import RST_STREAM, SETTINGS, H2Client, RawH2, frame
 from hbone.peers import H2ServerPeer
 from hbone.util import PEER, ZTUN_CLIENT, ZTUN_SERVER, PeerFiles, stats, wait_until
 from ztun import Tunnel
+from ztun.mesh import TunnelSocket
 from ztun.testing import SpiffeCA
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,7 +42,7 @@ ROTATION_BUG = (
 )
 
 
-def connect_in_thread(t: Tunnel, peer: H2ServerPeer, n: int) -> socket.socket:
+def connect_in_thread(t: Tunnel, peer: H2ServerPeer, n: int) -> TunnelSocket:
     with ThreadPoolExecutor(1) as ex:
         fut = ex.submit(t.connect, ("127.0.0.1", 9000), expect=[PEER], via=peer.address)
         peer.stream(n).respond(200)
@@ -160,7 +161,7 @@ def test_set_identity_reaches_connect(
         peer.goaway(0)  # force a new connection (and so a new handshake)
         peer.sync(0)
         connect_in_thread(t, peer, 1).close()
-        rec = peer.srv.conns[1]  # type: ignore[attr-defined]
+        rec = peer.srv.conns[1]
         assert rec.peer_cert is not None
         assert _serial(rec.peer_cert) == new.chain[0].serial_number, "connect() used the old SVID"
 

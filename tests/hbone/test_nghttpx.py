@@ -23,7 +23,7 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from harness.caps import in_ci
@@ -175,8 +175,8 @@ class Nghttpx:
 
 
 @pytest.fixture
-def echo(make_server: object) -> EchoServer:
-    return make_server("echo")  # type: ignore[operator,no-any-return]
+def echo(make_server: Callable[..., EchoServer]) -> EchoServer:
+    return make_server("echo")
 
 
 @pytest.fixture

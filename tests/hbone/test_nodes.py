@@ -67,7 +67,9 @@ def mesh(
 def test_integrity_1000_connections(mesh: Mesh) -> None:
     """1,000 connections A -> B through HBONE: random sizes and chunking, both half-close
     orders, 5 % RSTs from either end; SHA-256 both ways, zero mismatches."""
-    with TransformServer(sock=mesh.b.listen(family=mesh.family)) as srv:
+    srv = TransformServer(sock=mesh.b.listen(family=mesh.family))
+    srv.start()
+    try:
         fwd = mesh.a.call(
             mesh.client.forward,
             ("127.0.0.1", 0),
@@ -86,6 +88,8 @@ def test_integrity_1000_connections(mesh: Mesh) -> None:
             seed=int.from_bytes(os.urandom(4)),
             connect=mesh.a.connect,
         )
+    finally:
+        srv.stop()
     s.assert_clean()
     assert s.mismatched_bytes == 0
     cs, ss = stats(mesh.client), stats(mesh.server)

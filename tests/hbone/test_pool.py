@@ -40,6 +40,7 @@ from hbone.util import (
 )
 from ztun import Tunnel
 from ztun.testing import SpiffeCA, write_svid_files
+from ztun.tunnel import Forward
 
 pytestmark = pytest.mark.timeout(90)
 OTHER_CLIENT = f"spiffe://{TD}/ns/ztun/sa/other-client"
@@ -60,7 +61,7 @@ def echo_via(fwd_addr: tuple[str, int], msg: bytes = b"ping", timeout: float = 1
 @pytest.fixture
 def echo_peer(pki: dict[str, PeerFiles]) -> Iterator[H2ServerPeer]:
     with H2ServerPeer(pki["peer"], mode="echo") as p:
-        yield p  # type: ignore[misc]
+        yield p
 
 
 # ---------------------------------------------------------------- the key
@@ -284,8 +285,8 @@ class Keepalive:
     silent: H2ServerPeer
     normal: H2ServerPeer
     silent_client: h2peer.H2Client
-    to_silent: object
-    to_normal: object
+    to_silent: Forward
+    to_normal: Forward
     started: float
     log: EventLog = field(default_factory=EventLog)
 
@@ -351,7 +352,7 @@ def test_unanswered_ping_drops_the_connection_and_it_is_not_reused(keepalive: Ke
     before = ka.silent.srv.tcp_accepted
     opened = stats(ka.client)["hbone_connections_opened"]
     # The silent peer answers new connections normally: the next stream goes to a new one.
-    assert echo_via(ka.to_silent.address) == b"ping"  # type: ignore[attr-defined]
+    assert echo_via(ka.to_silent.address) == b"ping"
     assert ka.silent.srv.tcp_accepted == before + 1
     assert stats(ka.client)["hbone_connections_opened"] == opened + 1
 
@@ -362,7 +363,7 @@ def test_idle_connection_is_pinged_and_kept(keepalive: Keepalive) -> None:
     ka = keepalive
     rec = ka.normal.srv.endpoints[0].record
     wait_until(lambda: rec.pings >= 2, 45, "two PINGs from ztun on the idle connection")
-    assert echo_via(ka.to_normal.address) == b"ping"  # type: ignore[attr-defined]
+    assert echo_via(ka.to_normal.address) == b"ping"
     assert ka.normal.connections() == 1, "the idle connection was not reused"
 
 
@@ -380,4 +381,4 @@ def test_server_drops_a_client_that_stops_answering(keepalive: Keepalive) -> Non
 def test_no_fd_left_after_dead_connections(keepalive: Keepalive) -> None:
     wait_until(lambda: stats(keepalive.client)["hbone_close_reasons"]["io_error"] >= 1, 45, "")
     with FdTracker(timeout=10):
-        assert echo_via(keepalive.to_normal.address) == b"ping"  # type: ignore[attr-defined]
+        assert echo_via(keepalive.to_normal.address) == b"ping"
