@@ -54,7 +54,7 @@ build: system $(VENV)/.built
 setup: build
 
 demo: build
-	$(PY) -m ztun.demo
+	$(SUDO) $(PY) -m ztun.demo
 
 test: build
 	$(PY) -m pytest tests

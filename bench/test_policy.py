@@ -15,7 +15,9 @@ import ipaddress
 from functools import cache
 
 import pytest
+from conftest import KNOBS, interleaved, zload_client
 
+from ztun import Tunnel
 from ztun._core._policy import CompiledPolicy
 from ztun.policy import AuthorizationPolicy, ConnectionFacts, Match, PolicySet, Workload, rule
 
@@ -130,3 +132,86 @@ def test_policy_compile(benchmark: pytest.FixtureRequest, n: int) -> None:
 
     benchmark.pedantic(compile_and_load, rounds=3, warmup_rounds=0)  # type: ignore[attr-defined]
     benchmark.extra_info["policies"] = n  # type: ignore[attr-defined]
+
+
+# ---- in the engine: connection setup through a policy-checked forward --------------------
+#
+# What a policy costs a new connection end to end: zload's sequential connect + 1-byte
+# exchange + close through an in-process Tunnel plaintext forward, interleaved rounds over
+#   forward         no policy flag (the engine never calls the evaluator)
+#   policy-none     forward(policy=True), no table (authorize returns at once)
+#   common-10000    10,000 policies over 2,500 namespaces; the forward's workload sees 3
+#   worst-10000     10,000 mesh-wide DENY policies, none matching: all are evaluated
+# The evaluator itself costs ns (test_policy_eval_c); a connection costs tens of µs, so
+# these should agree within noise — the point is to show it, not to time the evaluator.
+
+CONN_VARIANTS = ("forward", "policy-none", "common-10000", "worst-10000")
+CONN_PAIRS = interleaved(CONN_VARIANTS, KNOBS.rounds)
+LOCAL_WL = Workload("web", "ns-0", labels={"app": "web"})
+
+
+def _common_local(n: int) -> PolicySet:
+    policies: list[AuthorizationPolicy] = []
+    for i in range(max(1, n // 4)):
+        ns = f"ns-{i}"
+        policies += [
+            AuthorizationPolicy.allow(
+                "allow-local", ns, rule(Match.of(source_ips=["127.0.0.0/8"]))
+            ),
+            AuthorizationPolicy.deny("deny-ssh", ns, rule(Match.of(destination_ports=[22]))),
+            AuthorizationPolicy.deny(
+                "db", ns, rule(Match.of(not_namespaces=[ns])), selector={"app": "db"}
+            ),
+            AuthorizationPolicy.allow(
+                "web", ns, rule(Match.of(namespaces=["frontend"])), selector={"app": "web"}
+            ),
+        ]  # fmt: skip
+    return PolicySet(policies[:n])
+
+
+def _worst_local(n: int) -> PolicySet:
+    return PolicySet(
+        AuthorizationPolicy.deny(
+            f"p{j:05d}", "istio-system", rule(Match.of(principals=[f"{OTHER}/sa-{j}"]))
+        )
+        for j in range(n)
+    )
+
+
+@pytest.fixture(scope="module")
+def policy_forwards(dest_server: tuple[str, int]):
+    tunnels: list[Tunnel] = []
+    dials: dict[str, tuple[str, int]] = {}
+    try:
+        for name, pset, flag in (
+            ("forward", None, False),
+            ("policy-none", None, True),
+            ("common-10000", _common_local(10_000), True),
+            ("worst-10000", _worst_local(10_000), True),
+        ):
+            t = Tunnel(workers=1, policies=pset, workload=LOCAL_WL, access_log=False).start()
+            tunnels.append(t)
+            dials[name] = t.forward(("127.0.0.1", 0), dest_server, policy=flag).address
+        yield dials, dict(zip(CONN_VARIANTS, tunnels, strict=True))
+    finally:
+        for t in tunnels:
+            t.close()
+
+
+@pytest.mark.parametrize("rnd,variant", CONN_PAIRS, ids=[f"r{r}-{v}" for r, v in CONN_PAIRS])
+def test_policy_connrate(benchmark, policy_forwards, rnd: int, variant: str) -> None:
+    dials, tunnels = policy_forwards
+    samples: list[dict[str, float]] = []
+
+    def run() -> None:
+        r = zload_client(dials[variant], "conns", KNOBS.conns_secs)
+        samples.append({"conns_per_s": r["conns_per_s"], "conn_p50_us": r["p50_us"]})
+
+    benchmark.group = "policy-connrate"
+    benchmark.pedantic(run, rounds=KNOBS.inner, iterations=1)
+    st = tunnels[variant].stats()
+    if variant not in {"forward", "policy-none"}:
+        assert st.policy_allowed == st.connections_opened and st.policy_denied == 0
+    benchmark.extra_info.update(
+        {"variant": variant, "round": rnd, "samples": samples, **samples[-1]}
+    )

@@ -9,6 +9,7 @@ access-log fields) and to subscribers, engine log lines to ``ztun.engine``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +18,21 @@ __all__ = ["ConnectionEvent", "EngineLog", "access_log_line", "parse_event"]
 access_logger = logging.getLogger("ztun.access")
 engine_logger = logging.getLogger("ztun.engine")
 
-_MODES = {1: "forward", 2: "outbound", 3: "inbound", 4: "inbound", 5: "outbound"}
-_MODE_PROTO = {1: "TCP", 2: "TLS", 3: "TLS", 4: "HBONE", 5: "HBONE"}
+_MODES = {1: "forward", 2: "outbound", 3: "inbound", 4: "inbound", 5: "outbound", 6: "outbound"}
+_MODE_PROTO = {1: "TCP", 2: "TLS", 3: "TLS", 4: "HBONE", 5: "HBONE", 6: "SOCKS5"}
+# enum ztun_policy_reason (src/include/ztun/policy.h); values of ztun.policy.Reason names
+_POLICY_REASONS = {
+    1: "denied_by_policy",
+    2: "allowed_by_policy",
+    3: "allowed_no_allow_policy",
+    4: "denied_no_match",
+}
+_EVPOL_DRY_RUN = 1  # ZTUN_EVPOL_* (engine.h)
+_EVPOL_DRY_RUN_DENY = 2
+_EVPOL_RECHECKED = 4
+
+#: ``names(generation, index)`` -> "namespace/name" of a policy of that table, or None.
+PolicyNamer = Callable[[int, int], "str | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +56,18 @@ class ConnectionEvent:
     bytes_received: int  # upstream -> downstream
     start_ns: int
     duration_ns: int
-    policy: int
+    policy: int  # index in the table of generation policy_generation; -1: a default
     policy_rule: int
     http_status: int
     errno: int
     detail: str | None
     worker: int
+    policy_generation: int = 0  # 0: no policy table decided this connection
+    policy_name: str | None = None  # "namespace/name" of the deciding policy
+    policy_reason: str | None = None  # a ztun.policy.Reason name, lower case; None: not judged
+    dry_run_policy: str | None = None  # the dry-run policy that would have decided
+    dry_run_allowed: bool | None = None  # the verdict with dry-run policies enforced too
+    policy_rechecked: bool = False  # the verdict is from a re-check after a policy swap
     target: tuple[str, int] | None = None  # HBONE: the CONNECT authority
     trace: str | None = None  # HBONE: traceparent
     baggage: str | None = None  # HBONE: baggage received
@@ -70,9 +90,20 @@ class EngineLog:
     worker: int
 
 
-def parse_event(raw: dict[str, Any]) -> ConnectionEvent | EngineLog | None:
+def parse_event(
+    raw: dict[str, Any], names: PolicyNamer | None = None
+) -> ConnectionEvent | EngineLog | None:
+    """A drained record as a typed event; ``names`` resolves policy indices to names."""
     kind = raw.get("type")
     if kind in ("open", "close", "connect_done", "accept"):
+        gen = raw.get("policy_gen", 0)
+        flags = raw.get("policy_flags", 0)
+        policy_name = dry_name = None
+        if gen and names is not None:
+            if raw["policy"] >= 0:
+                policy_name = names(gen, raw["policy"])
+            if raw.get("dry_run_policy", -1) >= 0:
+                dry_name = names(gen, raw["dry_run_policy"])
         return ConnectionEvent(
             kind=kind,
             conn_id=raw["conn_id"],
@@ -93,6 +124,12 @@ def parse_event(raw: dict[str, Any]) -> ConnectionEvent | EngineLog | None:
             errno=raw["errno"],
             detail=raw["detail"],
             worker=raw["worker"],
+            policy_generation=gen,
+            policy_name=policy_name,
+            policy_reason=_POLICY_REASONS.get(raw.get("policy_reason", 0)),
+            dry_run_policy=dry_name,
+            dry_run_allowed=(not flags & _EVPOL_DRY_RUN_DENY) if flags & _EVPOL_DRY_RUN else None,
+            policy_rechecked=bool(flags & _EVPOL_RECHECKED),
             target=raw.get("target"),
             trace=raw.get("trace"),
             baggage=raw.get("baggage"),
@@ -104,6 +141,10 @@ def parse_event(raw: dict[str, Any]) -> ConnectionEvent | EngineLog | None:
     return None
 
 
+def _allowed(ev: ConnectionEvent) -> bool:
+    return ev.policy_reason is None or ev.policy_reason.startswith("allowed")
+
+
 def _addr(a: tuple[str, int] | None) -> str:
     if a is None:
         return "-"
@@ -112,7 +153,12 @@ def _addr(a: tuple[str, int] | None) -> str:
 
 
 def access_log_line(ev: ConnectionEvent, policy_name: str | None = None) -> str:
-    """One line in the spirit of ztunnel's access log (key=value pairs)."""
+    """One line in the spirit of ztunnel's access log (key=value pairs).
+
+    ``policy=`` names the policy that decided (``policy_name`` or the event's own);
+    ``dry_run=`` says what enforcing the dry-run policies would have changed.
+    """
+    policy_name = policy_name or ev.policy_name
     fields = [
         f"conn={ev.conn_id}",
         f"src.addr={_addr(ev.src)}",
@@ -133,6 +179,9 @@ def access_log_line(ev: ConnectionEvent, policy_name: str | None = None) -> str:
     ]
     if policy_name:
         fields.append(f"policy={policy_name}")
+    if ev.dry_run_allowed is not None and ev.dry_run_allowed != _allowed(ev):
+        would = "allow" if ev.dry_run_allowed else "deny"
+        fields.append(f"dry_run={would}" + (f":{ev.dry_run_policy}" if ev.dry_run_policy else ""))
     if ev.target is not None and ev.mode in (4, 5):
         fields.append(f"target={_addr(ev.target)}")
     if ev.http_status:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from ztun.events import ConnectionEvent
     from ztun.tunnel import Tunnel
 
-__all__ = ["HBONE_PORT", "HboneServer", "TunnelSocket"]
+__all__ = ["HBONE_PORT", "Destination", "HboneServer", "TunnelSocket"]
 
 HBONE_PORT = 15008
 Address = tuple[str, int]
@@ -62,6 +62,20 @@ class TunnelSocket(socket.socket):
 
     def __repr__(self) -> str:
         return f"<TunnelSocket fd={self.fileno()} peer={self.peer_id} target={self.target}>"
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A mesh workload outbound connections may reach over HBONE.
+
+    ``spiffe_id`` is the identity its server must present; ``via`` where its HBONE
+    listener is (default: ``ip`` port 15008). A destination with no ``spiffe_id``
+    is outside the mesh: connections to it go out directly (passthrough).
+    """
+
+    ip: str
+    spiffe_id: str | None = None
+    via: Address | None = None
 
 
 @dataclass
@@ -245,6 +259,41 @@ class MeshMixin:
         pending.done.set()
         if fut is not None and not fut.done():
             fut.get_loop().call_soon_threadsafe(_set_result, fut, ev)
+
+    # ---- routed outbound (SOCKS5, capture) --------------------------------
+
+    def set_directory(self, destinations: Sequence[Destination]) -> None:
+        """Tell the engine which addresses are mesh workloads (and their identities).
+
+        Outbound connections whose destination is chosen per connection (SOCKS5,
+        transparent capture) go over HBONE to listed workloads and directly to
+        anything else. The whole directory is replaced atomically.
+        """
+        from ztun.tunnel import _check_address
+
+        rows = []
+        for d in destinations:
+            ip = _check_address((d.ip, 1), "destinations", allow_port_zero=False)[0]
+            sid = self._check_spiffe(d.spiffe_id, "spiffe_id") if d.spiffe_id else None  # type: ignore[attr-defined]
+            via = _check_address(d.via, "via", allow_port_zero=False) if d.via else None
+            rows.append((ip, sid, via))
+        self._require_engine().set_directory(rows)  # type: ignore[attr-defined]
+
+    def socks5(self, listen: Address = ("127.0.0.1", 15080)) -> Any:
+        """A SOCKS5 entry point (ztunnel's 15080): clients name the destination
+        (IP literals only); mesh workloads are reached over HBONE, others directly."""
+        from ztun.tunnel import Forward, _check_address
+
+        listen = _check_address(listen, "listen", allow_port_zero=True)
+        if not self._has_identity:  # type: ignore[attr-defined]
+            raise ValueError("identity: the SOCKS5 entry point needs Tunnel(identity=...)")
+        engine = self._require_engine()  # type: ignore[attr-defined]
+        lid, bound = engine.add_listener(_engine.MODE_SOCKS5, listen, None, tls=self._tls)
+        handle = Forward(self, lid, bound, ("0.0.0.0", 0), ())  # type: ignore[arg-type]
+        with self._lock:
+            self._endpoints[lid] = handle
+        self._ensure_pump()  # type: ignore[attr-defined]
+        return handle
 
     # ---- server ----------------------------------------------------------
 

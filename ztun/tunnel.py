@@ -11,21 +11,28 @@ batches; it never runs per byte or per accepted connection.
 With an identity (a SPIFFE SVID) and a trust bundle, ``forward(..., expect=[ids])``
 carries the connections over mutual TLS 1.3 and ``listen(...)`` terminates mutual
 TLS in front of a local service.
+
+With ``policies`` (Istio ``AuthorizationPolicy``, see :mod:`ztun.policy`), every
+connection a ``listen()`` port accepts is authorized in C before a byte reaches the
+target; ``set_policy()`` swaps the table while traffic flows and closes the live
+connections the new one denies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
 import select
 import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 from ztun._core import _engine
 from ztun.errors import EngineError, IdentityError, ZtunError
@@ -38,19 +45,36 @@ from ztun.events import (
     parse_event,
 )
 from ztun.identity import IdentitySource, SpiffeId, Svid, TrustBundle
-from ztun.mesh import HBONE_PORT, MeshMixin
+from ztun.mesh import HBONE_PORT, HboneServer, MeshMixin
+from ztun.policy import ConnectionFacts, Decision, PolicySet, Reason, Workload
 
 if TYPE_CHECKING:
     from types import TracebackType
 
     from ztun.rotation import IdentityManager
 
-__all__ = ["Forward", "Listener", "Tunnel", "TunnelStats"]
+__all__ = ["Forward", "Listener", "PolicyCounters", "PolicyInput", "Tunnel", "TunnelStats"]
 
 log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 EventCallback = Callable[[ConnectionEvent], None]
+#: A PolicySet; YAML text (str or bytes); a YAML file or folder (a path object); or a list
+#: of those paths.
+PolicyInput: TypeAlias = (
+    "PolicySet | str | bytes | os.PathLike[str] | Sequence[str | os.PathLike[str]]"
+)
+# Policy names of this many past table generations stay resolvable for late events.
+_POLICY_GENERATIONS_KEPT = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyCounters:
+    """Connections one policy decided (carried across policy swaps by name)."""
+
+    allowed: int = 0  # ALLOW policy: connections it allowed (defaults: default allows)
+    denied: int = 0  # DENY policy: connections it denied (defaults: default denies)
+    dry_run: int = 0  # dry-run policy: connections it matched
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +96,11 @@ class TunnelStats:
     events_dropped: int = 0
     buffers_in_use: int = 0
     buffer_bytes: int = 0
+    # per policy ("namespace/name") of the table in force, and the defaults (no policy
+    # decided: allowed because no ALLOW policy applies / denied because none matched)
+    policies: dict[str, PolicyCounters] = field(default_factory=dict)
+    policy_defaults: PolicyCounters = field(default_factory=PolicyCounters)
+    policy_generation: int = 0  # 0: no policy table
 
     @property
     def failures(self) -> dict[str, int]:
@@ -147,6 +176,8 @@ class Forward(_Endpoint):
         super().__init__(tunnel, listener_id, address)
         self.to = to
         self.expect = expect
+        self.policy = False  # plaintext forwards only: policy authorizes each connection
+        self.workload: Workload | None = None
 
     @property
     def secure(self) -> bool:
@@ -156,9 +187,17 @@ class Forward(_Endpoint):
 class Listener(_Endpoint):
     """An mTLS port whose authenticated connections are forwarded to a local target."""
 
-    def __init__(self, tunnel: Tunnel, listener_id: int, address: Address, to: Address) -> None:
+    def __init__(
+        self,
+        tunnel: Tunnel,
+        listener_id: int,
+        address: Address,
+        to: Address,
+        workload: Workload | None = None,
+    ) -> None:
         super().__init__(tunnel, listener_id, address)
         self.to = to
+        self.workload = workload  # None: the tunnel's workload
 
 
 class Tunnel(MeshMixin):
@@ -180,6 +219,16 @@ class Tunnel(MeshMixin):
             a full handshake; see docs/performance.md for the figures).
         chacha20: also offer TLS_CHACHA20_POLY1305_SHA256.
         access_log: log one line per finished connection on the ``ztun.access`` logger.
+        policies: authorization policy for the connections ``listen()`` ports (and
+            ``forward(..., policy=True)`` ports) accept: a :class:`~ztun.policy.PolicySet`,
+            Istio AuthorizationPolicy YAML text, or YAML files/folders as path objects.
+            None: every authenticated connection is allowed. See :meth:`set_policy`.
+        workload: the workload this process is, for policy: selectors match its labels
+            and namespace policies its namespace. Without it a connection is judged by
+            the mesh-wide (root namespace) policies only.
+        workloads: the workloads an HBONE server of this tunnel (``serve()``) answers
+            for, as a node proxy does: a CONNECT to one of their IPs is judged as that
+            workload. See :meth:`set_workloads`.
     """
 
     def __init__(
@@ -195,6 +244,9 @@ class Tunnel(MeshMixin):
         resumption: bool = True,
         chacha20: bool = False,
         access_log: bool = True,
+        policies: PolicyInput | None = None,
+        workload: Workload | None = None,
+        workloads: Sequence[Workload] = (),
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:
             raise ValueError(f"workers: expected 0 (one per CPU) to 256, got {workers!r}")
@@ -227,6 +279,18 @@ class Tunnel(MeshMixin):
             _engine.TLS_CHACHA20 if chacha20 else 0
         )
         self._access_log = access_log
+        if workload is not None and not isinstance(workload, Workload):
+            raise ValueError(f"workload: expected a ztun.policy.Workload, got {workload!r}")
+        self._workload = workload
+        self._served = _check_workloads(workloads)
+        self._listener_workloads: dict[int, Workload] = {}
+        self._policy_set: PolicySet | None = None
+        self._policy_blob: bytes | None = None
+        self._policy_gen = 0
+        self._policy_names: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        if policies is not None:
+            self._policy_set = _as_policy_set(policies)
+            self._policy_blob = self._compile(self._policy_set, self._all_workloads())
         self._engine: _engine.Engine | None = None
         self._tls: _engine.TlsContext | None = None
         self._endpoints: dict[int, _Endpoint] = {}
@@ -270,6 +334,8 @@ class Tunnel(MeshMixin):
                 handshake_timeout_ms=self._handshake_ms,
                 idle_timeout_ms=self._idle_ms,
             )
+            if self._policy_blob is not None:
+                self._install(engine, self._policy_set, self._policy_blob)
             engine.start()
             self._engine = engine
             log.debug("tunnel started with %d workers", engine.workers)
@@ -391,9 +457,11 @@ class Tunnel(MeshMixin):
             engine = self._engine
             if engine is None:
                 return
-            for ep in self._endpoints.values():
-                if isinstance(ep, Listener) or (isinstance(ep, Forward) and ep.secure):
-                    engine.set_listener_tls(ep.id, tls)
+            # Every listener with a TLS context: forwards, listen(), serve(), SOCKS5
+            # and the virtual listeners behind connect().
+            for lid in engine.tls_listeners():
+                with contextlib.suppress(EngineError):
+                    engine.set_listener_tls(lid, tls)
 
     # ---- listeners -------------------------------------------------------
 
@@ -406,6 +474,8 @@ class Tunnel(MeshMixin):
         plaintext: bool = False,
         via: Address | None = None,
         protocol: str | None = None,
+        policy: bool = False,
+        workload: Workload | None = None,
     ) -> Forward:
         """Accept on ``listen``; carry each connection to ``to``.
 
@@ -417,6 +487,11 @@ class Tunnel(MeshMixin):
         ``protocol`` is ``"tls"`` (default: one mTLS connection per connection, to
         ``to``) or ``"hbone"`` (HTTP/2 CONNECT streams over pooled mTLS connections to
         ``via``, default ``to``'s IP on port 15008, with ``to`` as the authority).
+
+        ``policy=True`` (plaintext forwards only) authorizes each accepted connection
+        with the tunnel's policy before connecting to ``to``: the peer has no identity,
+        so only address and port rules can allow it; a denied client gets a reset.
+        ``workload`` is the destination workload it is judged as (default: the tunnel's).
         """
         if protocol is None:
             protocol = "hbone" if via is not None else "tls"
@@ -440,47 +515,107 @@ class Tunnel(MeshMixin):
                 "expect: this tunnel has an identity, so forwards use mTLS: pass the server's "
                 "SPIFFE IDs in expect=[...] (or plaintext=True for a plaintext forward)"
             )
+        if ids and (policy or workload is not None):
+            raise ValueError(
+                "policy: an mTLS forward is authorized by the server it connects to; "
+                "policy=True is for plaintext forwards"
+            )
+        if workload is not None and not policy:
+            raise ValueError("workload: only meaningful with policy=True")
         if protocol == "hbone" and not ids:
             raise ValueError("expect: HBONE needs the SPIFFE IDs the server may present")
         engine = self._require_engine()
-        if ids and protocol == "hbone":
-            hop = _check_address(via, "via", allow_port_zero=False) if via else (to[0], HBONE_PORT)
-            lid, bound = engine.add_listener(
-                _engine.MODE_HBONE_OUT, listen, hop, target=to, tls=self._tls, expect=ids
-            )
-        elif ids:
-            lid, bound = engine.add_listener(
-                _engine.MODE_TLS_OUT, listen, to, tls=self._tls, expect=ids
-            )
-        else:
-            lid, bound = engine.add_listener(_engine.MODE_FORWARD, listen, to)
-        handle = Forward(self, lid, bound, to, ids)
         with self._lock:
+            if ids and protocol == "hbone":
+                hop = (
+                    _check_address(via, "via", allow_port_zero=False)
+                    if via
+                    else (to[0], HBONE_PORT)
+                )
+                lid, bound = engine.add_listener(
+                    _engine.MODE_HBONE_OUT, listen, hop, target=to, tls=self._tls, expect=ids
+                )
+            elif ids:
+                lid, bound = engine.add_listener(
+                    _engine.MODE_TLS_OUT, listen, to, tls=self._tls, expect=ids
+                )
+            else:
+                key = self._prepare_workload(engine, workload)
+                flags = _engine.LISTENER_POLICY if policy else 0
+                lid, bound = engine.add_listener(
+                    _engine.MODE_FORWARD, listen, to, flags=flags, workload_key=key
+                )
+            handle = Forward(self, lid, bound, to, ids)
+            handle.policy = policy
+            handle.workload = workload
             self._endpoints[lid] = handle
+            if workload is not None:
+                self._listener_workloads[lid] = workload
         self._ensure_pump()
         return handle
 
-    def listen(self, listen: Address, to: Address) -> Listener:
+    def listen(self, listen: Address, to: Address, *, workload: Workload | None = None) -> Listener:
         """Terminate mutual TLS on ``listen`` and forward to the local target ``to``.
 
         Clients must present an SVID of this tunnel's trust domain; the peer's SPIFFE
-        ID of each connection is reported in events and the access log.
+        ID of each connection is reported in events and the access log. With policies,
+        each connection is authorized after the handshake (peer identity, source
+        address, ``to`` as destination address and port), judged as destination
+        ``workload`` (default: the tunnel's); a denied one is closed with close_notify
+        and never reaches ``to``.
         """
         listen = _check_address(listen, "listen", allow_port_zero=True)
         to = _check_address(to, "to", allow_port_zero=False)
         if not self._has_identity:
             raise ValueError("identity: listen() terminates mTLS and needs Tunnel(identity=...)")
         engine = self._require_engine()
-        lid, bound = engine.add_listener(_engine.MODE_TLS_IN, listen, to, tls=self._tls)
-        handle = Listener(self, lid, bound, to)
         with self._lock:
+            key = self._prepare_workload(engine, workload)
+            lid, bound = engine.add_listener(
+                _engine.MODE_TLS_IN, listen, to, tls=self._tls, workload_key=key
+            )
+            handle = Listener(self, lid, bound, to, workload)
             self._endpoints[lid] = handle
+            if workload is not None:
+                self._listener_workloads[lid] = workload
         self._ensure_pump()
         return handle
+
+    def serve(
+        self,
+        listen: Address = ("0.0.0.0", HBONE_PORT),
+        *,
+        workloads: Sequence[str] | None = None,
+        deliver: bool = True,
+        policy: bool = True,
+    ) -> HboneServer:
+        """Accept HBONE (mTLS + HTTP/2 CONNECT) on ``listen`` (see
+        :meth:`ztun.mesh.MeshMixin.serve`), authorized by this tunnel's policy.
+
+        Each CONNECT is judged, before the engine dials the authority or delivers the
+        stream, as the workload that owns the authority's IP (``Tunnel(workload=,
+        workloads=)``), else as this tunnel's workload; a denied one is answered 401.
+        ``workloads`` (the IPs answered for) defaults to those workloads' IPs when they
+        have any. ``policy`` must stay True: HBONE inbound is always subject to the
+        policy in force (a tunnel without policies allows everything).
+        """
+        if not policy:
+            raise ValueError(
+                "policy: HBONE inbound connections are always authorized by the tunnel's "
+                "policy; use a Tunnel without policies to allow every authenticated peer"
+            )
+        if workloads is None:
+            ips = [
+                str(ip) for w in (self._workload, *self._served) if w is not None for ip in w.ips
+            ]
+            if ips:
+                workloads = list(dict.fromkeys(ips))
+        return super().serve(listen, workloads=workloads, deliver=deliver)
 
     def _remove_listener(self, ep: _Endpoint) -> None:
         with self._lock:
             self._endpoints.pop(ep.id, None)
+            self._listener_workloads.pop(ep.id, None)
             engine = self._engine
         if engine is not None:
             with contextlib.suppress(EngineError):
@@ -501,11 +636,153 @@ class Tunnel(MeshMixin):
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
 
+    # ---- policy ------------------------------------------------------------
+
+    @property
+    def policies(self) -> PolicySet | None:
+        """The policy set in force (None: no policy, everything authenticated is allowed)."""
+        return self._policy_set
+
+    @property
+    def workload(self) -> Workload | None:
+        return self._workload
+
+    def set_policy(self, policies: PolicyInput | None) -> None:
+        """Replace the policy set, atomically, while traffic flows.
+
+        ``policies`` is parsed and compiled first: malformed YAML, an unknown field, a bad
+        CIDR, port or principal raises :class:`~ztun.errors.PolicyError` (with file,
+        line and field) and the policy in force stays. Then every engine worker switches
+        to the new table; live connections it denies are reset (close reason
+        ``policy_changed``, logged per connection on ``ztun.engine``); connections it
+        still allows are untouched. Decision counters carry over by policy name.
+        ``None`` removes policy.
+        """
+        pset = None if policies is None else _as_policy_set(policies)
+        with self._lock:
+            if self._closed:
+                raise ZtunError("this Tunnel is closed")
+            blob = None if pset is None else self._compile(pset, self._all_workloads())
+            if self._engine is not None:
+                self._install(self._engine, pset, blob)
+            self._policy_set, self._policy_blob = pset, blob
+
+    def set_workloads(self, workloads: Sequence[Workload]) -> None:
+        """Replace the workloads HBONE servers answer for (see ``Tunnel(workloads=)``):
+        the policy table is recompiled and swapped (live connections re-checked)."""
+        served = _check_workloads(workloads)
+        with self._lock:
+            old, self._served = self._served, served
+            try:
+                if self._policy_set is not None:
+                    blob = self._compile(self._policy_set, self._all_workloads())
+                    if self._engine is not None:
+                        self._install(self._engine, self._policy_set, blob)
+                    self._policy_blob = blob
+            except BaseException:
+                self._served = old
+                raise
+
+    @property
+    def workloads(self) -> tuple[Workload, ...]:
+        return self._served
+
+    def explain(self, facts: ConnectionFacts, *, listener: object | None = None) -> Decision:
+        """The decision the policy in force makes for ``facts``, with the policy and rule
+        that made it and the dry-run matches (:meth:`ztun.policy.PolicySet.evaluate`).
+
+        ``facts.workload`` None means what the engine would use for a connection of
+        ``listener``: for a ``serve()`` (HBONE) server, the served workload that owns
+        ``facts.dst_ip``; for a ``listen()``/``forward()`` port, its workload; then this
+        tunnel's workload.
+        """
+        pset = self._policy_set
+        if pset is None:
+            return Decision(True, Reason.ALLOWED_NO_ALLOW_POLICY)
+        if facts.workload is None:
+            wl = getattr(listener, "workload", None)
+            if wl is None and listener is not None and not isinstance(listener, _Endpoint):
+                wl = next((w for w in self._all_workloads() if facts.dst_ip in w.ips), None)
+            wl = wl or self._workload
+            if wl is not None:
+                facts = dataclasses.replace(facts, workload=wl)
+        return pset.evaluate(facts)
+
+    def _all_workloads(self, extra: Workload | None = None) -> list[Workload]:
+        """The workloads the table must know: ours, the served, the listeners', ``extra``."""
+        out: dict[str, Workload] = {}
+        for w in (self._workload, *self._served, *self._listener_workloads.values(), extra):
+            if w is None:
+                continue
+            if w.key in out and out[w.key] != w:
+                raise ValueError(f"workload: two different definitions of {w.key}")
+            out[w.key] = w
+        return list(out.values())
+
+    def _compile(self, pset: PolicySet, workloads: list[Workload]) -> bytes:
+        blob = pset.compile(workloads, default=self._workload)
+        for warning in pset.warnings:
+            log.warning("policy: %s", warning)
+        return blob
+
+    def _prepare_workload(self, engine: _engine.Engine, workload: Workload | None) -> str | None:
+        """Caller holds the lock. Make sure the table in force knows ``workload``."""
+        if workload is None:
+            return None
+        if not isinstance(workload, Workload):
+            raise ValueError(f"workload: expected a ztun.policy.Workload, got {workload!r}")
+        known = {w.key: w for w in self._all_workloads()}
+        if known.get(workload.key) not in (None, workload):
+            raise ValueError(f"workload: two different definitions of {workload.key}")
+        if workload.key not in known and self._policy_set is not None:
+            blob = self._compile(self._policy_set, self._all_workloads(workload))
+            self._install(engine, self._policy_set, blob)
+            self._policy_blob = blob
+        return workload.key
+
+    def _install(self, engine: _engine.Engine, pset: PolicySet | None, blob: bytes | None) -> None:
+        """Caller holds the lock (so swaps are serialized and generations predictable)."""
+        names = tuple(p.key for p in pset.policies) if pset is not None else ()
+        # Events of the new table can be dispatched before set_policy() returns (the
+        # re-check closes connections meanwhile): name its generation beforehand.
+        expected = self._policy_gen + 1
+        self._policy_names[expected] = names
+        try:
+            gen = engine.set_policy(blob)
+        except BaseException:
+            del self._policy_names[expected]
+            raise
+        if gen != expected:  # pragma: no cover - only this Tunnel swaps its engine's table
+            self._policy_names[gen] = self._policy_names.pop(expected)
+        self._policy_gen = gen
+        while len(self._policy_names) > _POLICY_GENERATIONS_KEPT:
+            self._policy_names.popitem(last=False)
+        if pset is not None:
+            log.info("policy table %d in force: %d policies", gen, len(pset))
+        else:
+            log.info("policy removed (table %d)", gen)
+
+    def _policy_name(self, gen: int, index: int) -> str | None:
+        names = self._policy_names.get(gen)
+        if names is None or not 0 <= index < len(names):
+            return f"#{index}@{gen}"  # a table generation too old to remember
+        return names[index]
+
     # ---- counters and events --------------------------------------------
 
     def stats(self) -> TunnelStats:
-        """The engine's counters, summed over workers."""
-        s = self._require_engine().stats()
+        """The engine's counters, summed over workers, and the per-policy decisions."""
+        engine = self._require_engine()
+        s = engine.stats()
+        gen, counters = engine.policy_counters()
+        per_policy: dict[str, PolicyCounters] = {}
+        defaults = PolicyCounters()
+        if counters:
+            defaults = PolicyCounters(*counters[0])
+            per_policy = {
+                str(self._policy_name(gen, i)): PolicyCounters(*c)
+                for i, c in enumerate(counters[1:])
+            }
         return TunnelStats(
             bytes_sent=s["bytes_down_up"],
             bytes_received=s["bytes_up_down"],
@@ -522,6 +799,9 @@ class Tunnel(MeshMixin):
             events_dropped=s["events_dropped"],
             buffers_in_use=s["buffers_in_use"],
             buffer_bytes=s["buffer_bytes"],
+            policies=per_policy,
+            policy_defaults=defaults,
+            policy_generation=gen,
         )
 
     @property
@@ -609,7 +889,7 @@ class Tunnel(MeshMixin):
             if not batch:
                 return
             for raw in batch:
-                self._dispatch(parse_event(raw))
+                self._dispatch(parse_event(raw, self._policy_name))
 
     def _dispatch(self, ev: ConnectionEvent | EngineLog | None) -> None:
         if isinstance(ev, EngineLog):
@@ -633,3 +913,33 @@ class Tunnel(MeshMixin):
                 cb(ev)
             except Exception:
                 log.exception("event subscriber %r failed", cb)
+
+
+def _as_policy_set(value: object) -> PolicySet:
+    """A PolicySet from any PolicyInput; PolicyError (file, line, field) when invalid."""
+    if isinstance(value, PolicySet):
+        return value
+    if isinstance(value, str | bytes):
+        return PolicySet.from_yaml(value)
+    if isinstance(value, os.PathLike):
+        return PolicySet.load(value)
+    if (
+        isinstance(value, Sequence)
+        and value
+        and all(isinstance(v, os.PathLike | str) for v in value)
+    ):
+        return PolicySet.load(*value)
+    raise ValueError(
+        "policies: expected a PolicySet, YAML text, or YAML file/folder paths, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _check_workloads(workloads: object) -> tuple[Workload, ...]:
+    if isinstance(workloads, Workload) or not isinstance(workloads, Sequence | set | frozenset):
+        raise ValueError(f"workloads: expected a sequence of Workloads, got {workloads!r}")
+    out = tuple(workloads)
+    for w in out:
+        if not isinstance(w, Workload):
+            raise ValueError(f"workloads: expected ztun.policy.Workload items, got {w!r}")
+    return out

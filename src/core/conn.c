@@ -10,6 +10,7 @@
  * means taking DATA the HTTP/2 layer queued (its flow-control window bounds the
  * queue), and "writing" it means handing bytes to the stream's data provider.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -25,6 +26,7 @@
 #include <openssl/ssl.h>
 
 #include "conn.h"
+#include "ztun/policy.h"
 
 /* A flow relays at most this many rounds per wake-up, then yields to the others. */
 #define RELAY_ROUNDS 8
@@ -106,6 +108,11 @@ int zflow_emit(struct zworker *w, struct zflow *f, int type)
 	ev->policy_rule = f->policy_rule;
 	ev->http_status = f->http_status;
 	ev->sys_errno = f->sys_errno;
+	ev->policy_gen = f->policy_gen;
+	ev->policy_reason = f->policy_reason;
+	ev->policy_flags = f->policy_flags;
+	ev->dry_run_policy = f->dry_run_policy;
+	ev->dry_run_rule = f->dry_run_rule;
 	ev->start_ns = f->start_real;
 	ev->duration_ns = type == ZTUN_EV_CONN_CLOSE ? (ztun_now_precise() - f->start_mono) : 0;
 	ev->bytes_down_up = f->bytes[0];
@@ -150,6 +157,11 @@ void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, i
 	if (f->state == FS_CLOSED)
 		return;
 	f->reason = (uint8_t)reason;
+	if (f->socks == SOCKS_WAITING) {
+		/* Tell the SOCKS5 client why, then a FIN so it reads the reply. */
+		zsocks_reply(w, f, 0, reason);
+		down_how = END_GRACEFUL;
+	}
 	zflow_set_state(f, FS_CLOSED);
 	clear_pending(f);
 	if (zlist_linked(&f->alink))
@@ -203,6 +215,7 @@ static void flow_free(struct zflow *f)
 	free(f->trace);
 	free(f->baggage);
 	free(f->req);
+	ztls_expect_put(f->expect);
 	zlistener_put(f->l);
 	free(f);
 }
@@ -625,6 +638,7 @@ void zflow_start_relay(struct zworker *w, struct zflow *f)
 {
 	clear_pending(f);
 	zflow_set_state(f, FS_RELAY);
+	zsocks_reply(w, f, 1, ZTUN_CLOSE_OK);
 	if (f->request_id)
 		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE);
 	zflow_emit(w, f, ZTUN_EV_CONN_OPEN);
@@ -698,11 +712,186 @@ static void drive_handshake(struct zworker *w, struct zflow *f, int side)
 
 /* ---- authorization -------------------------------------------------------- */
 
+static void addr_ip16(const struct sockaddr_storage *ss, uint8_t ip[16], uint16_t *port)
+{
+	if (ss->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
+
+		memcpy(ip, &s6->sin6_addr, 16);
+		*port = ntohs(s6->sin6_port);
+	} else {
+		const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
+
+		memset(ip, 0, 10);
+		ip[10] = ip[11] = 0xff;
+		memcpy(ip + 12, &s4->sin_addr, 4);
+		*port = ss->ss_family == AF_INET ? ntohs(s4->sin_port) : 0;
+	}
+}
+
+static const char *addr_str(const struct sockaddr_storage *ss, char *out, size_t len)
+{
+	char ip[INET6_ADDRSTRLEN] = "?";
+
+	if (ss->ss_family == AF_INET6) {
+		const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)ss;
+
+		inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
+		snprintf(out, len, "[%s]:%u", ip, ntohs(s6->sin6_port));
+	} else {
+		const struct sockaddr_in *s4 = (const struct sockaddr_in *)ss;
+
+		inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
+		snprintf(out, len, "%s:%u", ip, ntohs(s4->sin_port));
+	}
+	return out;
+}
+
+/* The listener's workload in table p: its key is looked up once per table generation
+ * (a linear search) and cached in the listener; concurrent workers may race to refresh
+ * the cache, which is harmless (same answer, single 64-bit store). */
+static int32_t listener_workload(struct zlistener *l, const struct zpolicy *p)
+{
+	uint64_t c;
+	int r;
+	int32_t wl;
+
+	if (!l->workload_key)
+		return l->workload;
+	c = atomic_load_explicit(&l->workload_cache, memory_order_relaxed);
+	if ((uint32_t)(c >> 32) == p->gen)
+		return (int32_t)(uint32_t)c;
+	r = ztun_policy_find_workload_by_name(p->table, l->workload_key, l->workload_key_len);
+	wl = r >= 0 ? r : ZTUN_POLICY_WORKLOAD_DEFAULT;
+	atomic_store_explicit(&l->workload_cache, ((uint64_t)p->gen << 32) | (uint32_t)wl,
+			      memory_order_relaxed);
+	return wl;
+}
+
+/* The destination policy judges: HBONE_IN the CONNECT authority; otherwise where we
+ * connect (the listener's upstream, i.e. the local target of an inbound listener). */
+static const struct sockaddr_storage *flow_policy_dst(const struct zflow *f)
+{
+	if (f->l->mode == ZTUN_MODE_HBONE_IN)
+		return &f->target;
+	if (f->dst.ss_family)
+		return &f->dst;
+	return &f->l->upstream;
+}
+
+/* The facts policy sees (ConnectionFacts in ztun/policy.py) and the verdict. No
+ * allocation: everything is read from the flow, its listener and the table. */
+static int flow_eval(struct zflow *f, const struct zpolicy *p, uint16_t flags,
+		     struct ztun_policy_verdict *v)
+{
+	struct zlistener *l = f->l;
+	struct ztun_policy_conn c;
+	uint16_t port;
+
+	addr_ip16(&f->src, c.src_ip, &port);
+	addr_ip16(flow_policy_dst(f), c.dst_ip, &c.dst_port);
+	c.flags = flags;
+	c.peer_id = f->peer_id;
+	c.peer_id_len = f->peer_id ? strlen(f->peer_id) : 0;
+	c.dst_workload = -1;
+	if (l->mode == ZTUN_MODE_HBONE_IN) {
+		int r = ztun_policy_find_workload(p->table, c.dst_ip);
+
+		if (r >= 0)
+			c.dst_workload = r;
+	}
+	if (c.dst_workload < 0)
+		c.dst_workload = listener_workload(l, p);
+	return ztun_policy_eval(p->table, &c, v);
+}
+
+static void record_verdict(struct zflow *f, const struct zpolicy *p,
+			   const struct ztun_policy_verdict *v, int recheck)
+{
+	f->policy = v->policy;
+	f->policy_rule = v->rule;
+	f->policy_gen = p->gen;
+	f->policy_reason = (uint8_t)v->reason;
+	f->dry_run_policy = v->dry_run_policy;
+	f->dry_run_rule = v->dry_run_rule;
+	f->policy_flags = recheck ? ZTUN_EVPOL_RECHECKED : 0;
+	if (v->dry_run_evaluated) {
+		f->policy_flags |= ZTUN_EVPOL_DRY_RUN;
+		if (!v->dry_run_allow)
+			f->policy_flags |= ZTUN_EVPOL_DRY_RUN_DENY;
+	}
+}
+
+static void clear_verdict(struct zflow *f)
+{
+	f->policy = f->policy_rule = -1;
+	f->dry_run_policy = f->dry_run_rule = -1;
+	f->policy_gen = 0;
+	f->policy_reason = 0;
+	f->policy_flags = 0;
+}
+
+static const char *policy_label(const struct zpolicy *p, int32_t idx)
+{
+	const char *n = idx >= 0 ? ztun_policy_name(p->table, idx) : NULL;
+
+	return n ? n : "(default)";
+}
+
 int zflow_authorize(struct zworker *w, struct zflow *f)
 {
-	(void)w;
-	(void)f;
-	return 1; /* wired with the policy evaluator */
+	const struct zpolicy *p = w->policy; /* this worker's reference: stable meanwhile */
+	struct ztun_policy_verdict v;
+	char src[INET6_ADDRSTRLEN + 8];
+
+	/* The destination judged is the one the access log names, also when denied. */
+	if (!f->dst.ss_family && f->l->mode != ZTUN_MODE_HBONE_IN)
+		f->dst = f->l->upstream;
+	if (!p) {
+		clear_verdict(f);
+		f->authorized = 1;
+		return 1; /* no table: everything is allowed */
+	}
+	if (flow_eval(f, p, 0, &v) < 0) {
+		/* Only a listener workload index outside this table gets here: fail closed. */
+		clear_verdict(f);
+		zflow_set_detail(f, "policy evaluation failed (bad workload index)");
+		zstat_add(&w->stats.policy_denied, 1);
+		return 0;
+	}
+	record_verdict(f, p, &v, 0);
+	zstat_add(v.allow ? &w->stats.policy_allowed : &w->stats.policy_denied, 1);
+	if (v.dry_run_evaluated && v.dry_run_allow != v.allow) {
+		zstat_add(&w->stats.policy_dry_run, 1);
+		zworker_emit_log(w, ZTUN_LOG_INFO,
+				 "conn %llu: dry-run policy %s would %s the connection from %s (%s); "
+				 "enforced verdict: %s by %s (table %u)",
+				 (unsigned long long)f->id, policy_label(p, v.dry_run_policy),
+				 v.dry_run_allow ? "allow" : "deny", addr_str(&f->src, src, sizeof(src)),
+				 f->peer_id ? f->peer_id : "no identity", v.allow ? "allow" : "deny",
+				 policy_label(p, v.policy), p->gen);
+	}
+	if (!v.allow) {
+		zflow_set_detail(f, v.policy >= 0 ? "denied by policy"
+						  : "denied: ALLOW policies apply but none matched");
+		return 0;
+	}
+	f->authorized = 1;
+	return 1;
+}
+
+int zflow_local_workload(struct zworker *w, const struct zlistener *l,
+			 const struct sockaddr_storage *dst)
+{
+	uint8_t ip[16];
+	uint16_t port;
+
+	addr_ip16(dst, ip, &port);
+	for (uint32_t i = 0; i < l->nworkload_ips; i++) {
+		if (memcmp(l->workload_ips[i], ip, 16) == 0)
+			return 1;
+	}
+	return w->policy && ztun_policy_find_workload(w->policy->table, ip) >= 0;
 }
 
 /* ---- connect ------------------------------------------------------------ */
@@ -795,6 +984,8 @@ struct zflow *zflow_new(struct zworker *w, struct zlistener *l)
 	f->l = l;
 	f->policy = -1;
 	f->policy_rule = -1;
+	f->dry_run_policy = -1;
+	f->dry_run_rule = -1;
 	f->start_real = ztun_now_real();
 	f->start_mono = ztun_now_precise();
 	f->last_active = w->now;
@@ -876,7 +1067,25 @@ static void flow_begin(struct zworker *w, struct zflow *f)
 		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
 		/* The client's hello is usually not here yet; the first EPOLLIN drives it. */
 		return;
+	case ZTUN_MODE_SOCKS5:
+		zflow_set_state(f, FS_PREAMBLE);
+		f->socks = SOCKS_GREETING;
+		zflow_set_pending(w, f, w->e->cfg.handshake_timeout_ms);
+		return;
 	case ZTUN_MODE_HBONE_OUT:
+		if (l->flags & ZTUN_LISTENER_ORIGINAL_DST) {
+			struct sockaddr_storage dst;
+			int rc = zflow_original_dst(f->ep[0].fd, &dst);
+
+			if (rc < 0) {
+				f->sys_errno = -rc;
+				zflow_set_detail(f, "no original destination (SO_ORIGINAL_DST)");
+				zflow_close(w, f, ZTUN_CLOSE_CONNECT_ERROR, END_RESET, END_RESET);
+				return;
+			}
+			zflow_route(w, f, &dst);
+			return;
+		}
 		zflow_set_state(f, FS_CONNECTING);
 		if (!f->target.ss_family)
 			f->target = l->target_len ? l->target : l->upstream;
@@ -904,6 +1113,8 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 
 	if (f->state == FS_CLOSED)
 		return; /* closed earlier in this batch */
+	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		ep->rdhup = 1;
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
 		ep->rd_ready = 1;
 		if (ep->wr_wants_rd) {
@@ -920,6 +1131,10 @@ void zflow_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 	}
 
 	switch (f->state) {
+	case FS_PREAMBLE:
+		if (side == 0)
+			zsocks_on_readable(w, f);
+		return;
 	case FS_HANDSHAKE_IN:
 		if (side == 0)
 			drive_handshake(w, f, 0);
@@ -976,8 +1191,15 @@ void zflow_tick(struct zworker *w)
 			continue;
 		if (f->state == FS_CONNECTING) {
 			connect_failed(w, f, ETIMEDOUT);
+		} else if (f->state == FS_PREAMBLE) {
+			zflow_set_detail(f, "SOCKS5 negotiation timed out");
+			zworker_emit_log(w, ZTUN_LOG_INFO, "conn %llu: SOCKS5 negotiation timed out",
+					 (unsigned long long)f->id);
+			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		} else {
 			zflow_set_detail(f, "TLS handshake timed out");
+			zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake timed out",
+					 (unsigned long long)f->id);
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		}
 	}
@@ -1035,20 +1257,64 @@ void zflow_deliver(struct zworker *w, struct zflow *f)
 	zflow_start_relay(w, f);
 }
 
+/* A new table is in force on this worker: judge every authorized live flow again
+ * (uncounted: each connection is counted once, when it was first decided). */
 void zflow_recheck_policy(struct zworker *w)
 {
-	(void)w; /* wired with the policy evaluator */
+	const struct zpolicy *p = w->policy;
+	struct zlist *it, *next;
+	uint32_t checked = 0, closed = 0;
+
+	for (it = w->flows.next; it != &w->flows; it = next) {
+		struct zflow *f = zlist_entry(it, struct zflow, link);
+		struct ztun_policy_verdict v;
+		char src[INET6_ADDRSTRLEN + 8], dst[INET6_ADDRSTRLEN + 8];
+		int rc;
+
+		next = it->next; /* closing f unlinks f only */
+		if (!f->authorized || f->state == FS_CLOSED)
+			continue;
+		checked++;
+		if (!p) {
+			clear_verdict(f);
+			continue;
+		}
+		rc = flow_eval(f, p, ZTUN_POLICY_F_NOCOUNT, &v);
+		if (rc == 0) {
+			record_verdict(f, p, &v, 1);
+			if (v.allow)
+				continue;
+		} else {
+			clear_verdict(f);
+		}
+		zworker_emit_log(w, ZTUN_LOG_WARNING,
+				 "conn %llu: closed by a policy change: peer %s (%s) to %s now denied by %s "
+				 "(table %u)",
+				 (unsigned long long)f->id, addr_str(&f->src, src, sizeof(src)),
+				 f->peer_id ? f->peer_id : "no identity",
+				 addr_str(flow_policy_dst(f), dst, sizeof(dst)),
+				 rc == 0 ? policy_label(p, v.policy) : "(evaluation error)", p->gen);
+		zflow_set_detail(f, "denied by a policy change");
+		/* Reset both sides; for an HBONE stream that is RST_STREAM. */
+		zflow_close(w, f, ZTUN_CLOSE_POLICY_CHANGED, END_RESET, END_RESET);
+		closed++;
+	}
+	if (closed)
+		zworker_emit_log(w, ZTUN_LOG_INFO,
+				 "policy table %u: re-checked %u live connections, closed %u",
+				 p ? p->gen : 0, checked, closed);
 }
 
 /* ---- policy references -------------------------------------------------- */
 
-struct zpolicy *zpolicy_new(ztun_policy *table)
+struct zpolicy *zpolicy_new(ztun_policy *table, uint32_t gen)
 {
 	struct zpolicy *p = calloc(1, sizeof(*p));
 
 	if (!p)
 		return NULL;
 	atomic_store(&p->refs, 1);
+	p->gen = gen;
 	p->table = table;
 	return p;
 }
@@ -1062,5 +1328,6 @@ void zpolicy_put(struct zpolicy *p)
 {
 	if (!p || atomic_fetch_sub_explicit(&p->refs, 1, memory_order_acq_rel) != 1)
 		return;
+	ztun_policy_free(p->table);
 	free(p);
 }

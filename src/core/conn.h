@@ -22,6 +22,7 @@
 
 enum zflow_state {
 	FS_ACCEPTED = 0,  /* accepted, nothing started yet */
+	FS_PREAMBLE,      /* reading a client preamble (SOCKS5 negotiation) */
 	FS_HANDSHAKE_IN,  /* TLS server handshake with the downstream */
 	FS_CONNECTING,    /* TCP connect to the upstream in flight */
 	FS_HANDSHAKE_OUT, /* TLS client handshake with the upstream */
@@ -34,7 +35,9 @@ enum zflow_state {
 /* HBONE streams: an outbound flow waits for the 200 in CONNECTING; an inbound
  * one sits in ACCEPTED until its request is checked, then CONNECTING. */
 static const uint8_t flow_next[FS__COUNT] = {
-	[FS_ACCEPTED] = FS_BIT(FS_HANDSHAKE_IN) | FS_BIT(FS_CONNECTING) | FS_BIT(FS_RELAY) | FS_BIT(FS_CLOSED),
+	[FS_ACCEPTED] = FS_BIT(FS_PREAMBLE) | FS_BIT(FS_HANDSHAKE_IN) | FS_BIT(FS_CONNECTING) | FS_BIT(FS_RELAY) |
+			FS_BIT(FS_CLOSED),
+	[FS_PREAMBLE] = FS_BIT(FS_CONNECTING) | FS_BIT(FS_CLOSED),
 	[FS_HANDSHAKE_IN] = FS_BIT(FS_CONNECTING) | FS_BIT(FS_CLOSED),
 	[FS_CONNECTING] = FS_BIT(FS_HANDSHAKE_OUT) | FS_BIT(FS_RELAY) | FS_BIT(FS_CLOSED),
 	[FS_HANDSHAKE_OUT] = FS_BIT(FS_RELAY) | FS_BIT(FS_CLOSED),
@@ -59,6 +62,7 @@ struct zep {
 	uint8_t wr_wants_rd; /* TLS: the last write needs the socket readable */
 	uint8_t notify_sent; /* TLS: close_notify queued */
 	uint8_t deferred;    /* STREAM: our data provider is waiting for bytes */
+	uint8_t rdhup;       /* the peer's FIN (or a hangup) was signalled */
 	int fd;
 	SSL *ssl;
 	struct zbuf *tx;     /* TLS: records OpenSSL wrote, not yet sent (see tx BIO) */
@@ -113,7 +117,18 @@ struct zflow {
 	char *baggage;           /* HBONE: baggage header received, malloc'd */
 	struct sockaddr_storage target; /* HBONE: the CONNECT authority */
 	uint64_t request_id;     /* adopted connections: the caller's request */
+	/* The policy verdict (zflow_authorize / re-checks), besides policy/policy_rule. */
+	uint32_t policy_gen;     /* table generation of policy, 0: no table */
+	int32_t dry_run_policy;
+	int32_t dry_run_rule;
+	uint8_t policy_reason;   /* enum ztun_policy_reason, 0: not evaluated */
+	uint8_t policy_flags;    /* ZTUN_EVPOL_* */
+	uint8_t authorized;      /* passed zflow_authorize: re-checked on policy swaps */
 	int deliver_fd;          /* DELIVER: the caller's socketpair end, until handed over */
+	struct sockaddr_storage hop;  /* HBONE out: the HBONE server dialed (ip:15008) */
+	struct ztls_expect *expect;   /* HBONE out: identities the server may present */
+	uint8_t socks;                /* SOCKS5: negotiation step; 0 when not SOCKS */
+	uint8_t staged;               /* HBONE: has DATA chunks staged in the read buffer */
 };
 
 /* ---- sockio.c: endpoint I/O ---------------------------------------------- */
@@ -151,6 +166,23 @@ void zflow_deliver(struct zworker *w, struct zflow *f);
 void zflow_set_pending(struct zworker *w, struct zflow *f, uint32_t timeout_ms);
 /* 1: allowed; 0: denied (the verdict is recorded in the flow). */
 int zflow_authorize(struct zworker *w, struct zflow *f);
+/* HBONE_IN: is dst one of the listener's workload_ips, or a workload of the policy
+ * table in force? (Either list may be empty.) */
+int zflow_local_workload(struct zworker *w, const struct zlistener *l,
+			 const struct sockaddr_storage *dst);
+
+/* ---- outbound.c: where outbound connections go --------------------------- */
+/* SOCKS5 negotiation steps (zflow.socks). */
+enum { SOCKS_GREETING = 1, SOCKS_REQUEST = 2, SOCKS_WAITING = 3, SOCKS_DONE = 4 };
+/* Route an outbound connection to dst: HBONE to the destination workload's hop
+ * when the directory knows it, a plain connection otherwise (passthrough). */
+void zflow_route(struct zworker *w, struct zflow *f, const struct sockaddr_storage *dst);
+/* The downstream of a SOCKS5 listener is readable: advance the negotiation. */
+void zsocks_on_readable(struct zworker *w, struct zflow *f);
+/* The outbound leg is up (ok) or failed: answer the SOCKS5 client. */
+void zsocks_reply(struct zworker *w, struct zflow *f, int ok, int reason);
+/* Read the original destination of a captured connection. */
+int zflow_original_dst(int fd, struct sockaddr_storage *dst);
 
 /* ---- hbone.c: HTTP/2 CONNECT streams ------------------------------------- */
 /* The relay put bytes into f->buf[d] (or saw EOF on ep[d]) for the stream at ep[!d]. */

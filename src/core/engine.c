@@ -25,6 +25,7 @@
 #include "conn.h"
 #include "engine_int.h"
 #include "tls_int.h"
+#include "ztun/policy.h"
 
 /* Timers (connect, handshake, idle, drain) fire from a tick of this period. */
 #define TICK_NS (100ull * 1000 * 1000)
@@ -99,6 +100,7 @@ void zlistener_put(struct zlistener *l)
 	ztls_slot_destroy(&l->slot);
 	free(l->baggage);
 	free(l->workload_ips);
+	free(l->workload_key);
 	pthread_mutex_destroy(&l->tls_lock);
 	free(l);
 }
@@ -199,6 +201,18 @@ static void sync_done(struct zsync *s, int rc)
 	pthread_mutex_unlock(&s->mu);
 }
 
+static void cmd_refuse(struct zcmd *c)
+{
+	if (c->type == CMD_ADOPT) {
+		close(c->u.adopt.fd);
+		zlistener_put(c->u.adopt.l);
+	}
+	if (c->type == CMD_SET_POLICY)
+		zpolicy_put(c->u.policy); /* the reference taken for this worker */
+	sync_done(c->sync, ZTUN_ECLOSED);
+	free(c);
+}
+
 static void worker_enqueue(struct zworker *w, struct zcmd *c)
 {
 	uint64_t one = 1;
@@ -206,6 +220,12 @@ static void worker_enqueue(struct zworker *w, struct zcmd *c)
 
 	c->next = NULL;
 	pthread_mutex_lock(&w->qlock);
+	if (w->exited) {
+		/* Nobody will run it: complete it now so no caller waits forever. */
+		pthread_mutex_unlock(&w->qlock);
+		cmd_refuse(c);
+		return;
+	}
 	if (w->qtail)
 		w->qtail->next = c;
 	else
@@ -230,6 +250,8 @@ static int broadcast(struct ztun_engine *e, const struct zcmd *tmpl, int wait)
 		struct zcmd *c = malloc(sizeof(*c));
 
 		if (!c) {
+			if (tmpl->type == CMD_SET_POLICY)
+				zpolicy_put(tmpl->u.policy); /* this worker's reference */
 			sync_done(&s, ZTUN_ENOMEM);
 			continue;
 		}
@@ -263,6 +285,28 @@ static void worker_disarm_listeners(struct zworker *w)
 {
 	for (int i = 0; i < w->nlisteners; i++)
 		epoll_ctl(w->epfd, EPOLL_CTL_DEL, w->listeners[i]->fd, NULL);
+}
+
+static void worker_snapshot(struct zworker *w, struct zsnap *s)
+{
+	pthread_mutex_lock(&s->mu);
+	for (struct zlist *it = w->flows.next; it != &w->flows; it = it->next) {
+		struct zflow *f = zlist_entry(it, struct zflow, link);
+
+		if (s->n < s->cap) {
+			struct ztun_conn_info *ci = &s->out[s->n];
+
+			ci->conn_id = f->id;
+			ci->listener_id = f->l->id;
+			ci->mode = (uint16_t)f->l->mode;
+			ci->state = f->state == FS_RELAY;
+			ci->bytes_down_up = f->bytes[0];
+			ci->bytes_up_down = f->bytes[1];
+			ci->start_ns = f->start_real;
+		}
+		s->n++;
+	}
+	pthread_mutex_unlock(&s->mu);
 }
 
 static void worker_run_cmd(struct zworker *w, struct zcmd *c)
@@ -316,6 +360,9 @@ static void worker_run_cmd(struct zworker *w, struct zcmd *c)
 		else
 			zflow_adopt(w, c->u.adopt.l, c->u.adopt.fd, &c->u.adopt.target, c->u.adopt.request_id);
 		zlistener_put(c->u.adopt.l);
+		break;
+	case CMD_SNAPSHOT:
+		worker_snapshot(w, c->u.snap);
 		break;
 	case CMD_STOP:
 		if (!w->stopping) {
@@ -404,10 +451,28 @@ static void *worker_main(void *arg)
 
 	w->now = ztun_now_mono();
 	w->next_tick = w->now + TICK_NS;
+	uint64_t spin_ns = (uint64_t)w->e->cfg.spin_us * 1000, last_work = 0;
+
 	for (;;) {
 		int busy = !zlist_empty(&w->again) || !zlist_empty(&w->h2dirty);
 		int timeout = busy ? 0 : (int)(TICK_NS / 1000000);
-		int n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		int n;
+
+		/* Low-latency mode: right after some work, poll without sleeping for a
+		 * little while, so the next packet of a request/response exchange does not
+		 * pay for a thread wake-up. */
+		if (!busy && spin_ns && last_work) {
+			uint64_t until = last_work + spin_ns;
+
+			do
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, 0);
+			while (n == 0 && ztun_now_precise() < until);
+			if (n == 0)
+				n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		} else {
+			n = epoll_wait(w->epfd, evs, MAX_EVENTS, timeout);
+		}
+		last_work = n > 0 && spin_ns ? ztun_now_precise() : 0;
 
 		w->now = ztun_now_mono();
 		for (int i = 0; i < n; i++) {
@@ -457,8 +522,20 @@ static void *worker_main(void *arg)
 			}
 		}
 	}
-	/* Commands that raced with the stop: complete them so no caller hangs. */
-	worker_run_cmds(w);
+	/* Commands that raced with the stop: refuse them, and every later one, so no
+	 * caller hangs. */
+	pthread_mutex_lock(&w->qlock);
+	w->exited = 1;
+	struct zcmd *c = w->qhead;
+
+	w->qhead = w->qtail = NULL;
+	pthread_mutex_unlock(&w->qlock);
+	while (c) {
+		struct zcmd *next = c->next;
+
+		cmd_refuse(c);
+		c = next;
+	}
 	return NULL;
 }
 
@@ -474,6 +551,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	w->idx = idx;
 	w->epfd = -1;
 	w->cmdfd = -1;
+	w->exited = 1; /* until started: commands are refused, never left waiting */
 	pthread_mutex_init(&w->qlock, NULL);
 	zlist_init(&w->flows);
 	zlist_init(&w->pending);
@@ -482,7 +560,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->h2s);
 	zlist_init(&w->h2dirty);
 	zlist_init(&w->h2zombies);
-	w->scratch = malloc(64 * 1024);
+	w->scratch = malloc(ZTUN_SCRATCH_BYTES);
 	if (!w->scratch)
 		return ZTUN_ENOMEM;
 	if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng) || (!w->rng[0] && !w->rng[1])) {
@@ -514,12 +592,7 @@ static void worker_destroy(struct zworker *w)
 	while (c) {
 		struct zcmd *next = c->next;
 
-		if (c->type == CMD_ADOPT) {
-			close(c->u.adopt.fd);
-			zlistener_put(c->u.adopt.l);
-		}
-		sync_done(c->sync, ZTUN_ECLOSED);
-		free(c);
+		cmd_refuse(c);
 		c = next;
 	}
 	for (int i = 0; i < w->nlisteners; i++)
@@ -564,6 +637,8 @@ int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out)
 	e->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	pthread_mutex_init(&e->ev_lock, NULL);
 	pthread_mutex_init(&e->lock, NULL);
+	pthread_mutex_init(&e->policy_lock, NULL);
+	pthread_mutex_init(&e->dir_lock, NULL);
 	atomic_store(&e->ev_armed, 1);
 	atomic_store(&e->next_conn_id, 1);
 	atomic_store(&e->next_listener_id, 1);
@@ -606,9 +681,13 @@ int ztun_engine_start(ztun_engine *e)
 	sigfillset(&all);
 	pthread_sigmask(SIG_SETMASK, &all, &old);
 	for (int i = 0; i < e->nworkers; i++) {
-		int err = pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]);
+		int err;
+
+		e->workers[i].exited = 0;
+		err = pthread_create(&e->workers[i].thread, NULL, worker_main, &e->workers[i]);
 
 		if (err) {
+			e->workers[i].exited = 1;
 			rc = -err;
 			break;
 		}
@@ -643,6 +722,14 @@ int ztun_engine_stop(ztun_engine *e, uint32_t drain_ms)
 			e->workers[i].started = 0;
 		}
 	}
+	/* Listening sockets stop accepting now (new connections are refused), even
+	 * if the engine's memory is released later. */
+	pthread_mutex_lock(&e->lock);
+	for (int i = 0; i < e->nlisteners; i++) {
+		if (e->listeners[i]->fd >= 0)
+			shutdown(e->listeners[i]->fd, SHUT_RDWR);
+	}
+	pthread_mutex_unlock(&e->lock);
 	/* Wake any event consumer so it sees the final records. */
 	atomic_store(&e->ev_armed, 1);
 	if (e->nworkers)
@@ -664,10 +751,13 @@ void ztun_engine_free(ztun_engine *e)
 		zlistener_put(e->listeners[i]);
 	free(e->listeners);
 	zpolicy_put(e->policy);
+	zdir_put(e->dir);
+	pthread_mutex_destroy(&e->dir_lock);
 	if (e->evfd >= 0)
 		close(e->evfd);
 	pthread_mutex_destroy(&e->ev_lock);
 	pthread_mutex_destroy(&e->lock);
+	pthread_mutex_destroy(&e->policy_lock);
 	free(e);
 }
 
@@ -694,7 +784,7 @@ static int make_listen_socket(const struct ztun_listener_spec *s, int *out)
 
 static int valid_mode(int mode)
 {
-	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_HBONE_OUT;
+	return mode >= ZTUN_MODE_FORWARD && mode <= ZTUN_MODE_SOCKS5;
 }
 
 int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *spec, uint32_t *id,
@@ -703,12 +793,13 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	struct zlistener *l;
 	struct zcmd add = {.type = CMD_ADD_LISTENER};
 	int fd = -1, rc;
+	/* SOCKS5 may route over HBONE: it needs the identity too. */
 	int need_tls = spec->mode != ZTUN_MODE_FORWARD;
 
 	if (!valid_mode(spec->mode) || (need_tls && !spec->tls))
 		return ZTUN_EINVAL;
-	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->upstream_len == 0 &&
-	    !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
+	if (spec->mode != ZTUN_MODE_HBONE_IN && spec->mode != ZTUN_MODE_SOCKS5 &&
+	    spec->upstream_len == 0 && !(spec->flags & ZTUN_LISTENER_ORIGINAL_DST))
 		return ZTUN_EINVAL;
 	if ((spec->flags & ZTUN_LISTENER_VIRTUAL) && spec->mode == ZTUN_MODE_HBONE_IN)
 		return ZTUN_EINVAL;
@@ -758,6 +849,15 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	if (spec->baggage && !(l->baggage = strdup(spec->baggage))) {
 		zlistener_put(l);
 		return ZTUN_ENOMEM;
+	}
+	if (spec->workload_key) {
+		l->workload_key = strdup(spec->workload_key);
+		if (!l->workload_key) {
+			zlistener_put(l);
+			return ZTUN_ENOMEM;
+		}
+		l->workload_key_len = strlen(l->workload_key);
+		l->workload = ZTUN_POLICY_WORKLOAD_DEFAULT;
 	}
 	if (spec->nworkload_ips > 0) {
 		l->workload_ips = malloc((size_t)spec->nworkload_ips * 16);
@@ -909,6 +1009,8 @@ int ztun_engine_set_listener_tls(ztun_engine *e, uint32_t id, ztun_tls_ctx *ctx)
 		old = l->tls;
 		l->tls = ztun_tls_ctx_ref(ctx);
 		pthread_mutex_unlock(&l->tls_lock);
+		/* A session made with the old certificate or trust must not be resumed. */
+		ztls_slot_clear(&l->slot);
 		ztun_tls_ctx_free(old);
 		rc = 0;
 		break;
@@ -924,28 +1026,99 @@ int ztun_engine_pause_accept(ztun_engine *e)
 	return broadcast(e, &pause, 1);
 }
 
-int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
+int ztun_engine_swap_policy(ztun_engine *e, ztun_policy *table, uint32_t *generation)
 {
 	struct zcmd set = {.type = CMD_SET_POLICY};
 	struct zpolicy *ref = NULL, *old;
-	int rc;
+	uint32_t gen;
+	int rc = 0, state;
 
+	pthread_mutex_lock(&e->policy_lock);
+	gen = ++e->policy_gen;
 	if (table) {
-		ref = zpolicy_new(table);
-		if (!ref)
+		ref = zpolicy_new(table, gen);
+		if (!ref) {
+			ztun_policy_free(table);
+			pthread_mutex_unlock(&e->policy_lock);
 			return ZTUN_ENOMEM;
+		}
 	}
 	pthread_mutex_lock(&e->lock);
+	state = e->state;
+	if (state == 2) {
+		pthread_mutex_unlock(&e->lock);
+		pthread_mutex_unlock(&e->policy_lock);
+		zpolicy_put(ref);
+		return ZTUN_ECLOSED;
+	}
 	old = e->policy;
 	e->policy = ref;
 	/* One reference per worker; each drops its old one when it switches. */
 	for (int i = 0; i < e->nworkers && ref; i++)
 		zpolicy_get(ref);
+	if (state == 0) {
+		/* No worker runs yet (start needs e->lock): install directly. */
+		for (int i = 0; i < e->nworkers; i++) {
+			zpolicy_put(e->workers[i].policy);
+			e->workers[i].policy = ref;
+		}
+	}
 	pthread_mutex_unlock(&e->lock);
-	set.u.policy = ref;
-	rc = broadcast(e, &set, 1);
+	if (state == 1) {
+		set.u.policy = ref;
+		rc = broadcast(e, &set, 1);
+	}
+	/* Every worker now evaluates the new table only (the broadcast waited for each to
+	 * switch), so the old counters are final: carry them over by policy name. */
+	if (old && ref)
+		ztun_policy_counters_carry(ref->table, old->table);
 	zpolicy_put(old);
+	pthread_mutex_unlock(&e->policy_lock);
+	if (generation)
+		*generation = gen;
 	return rc;
+}
+
+int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n)
+{
+	struct zsnap s = {.out = out, .cap = cap};
+	struct zcmd cmd = {.type = CMD_SNAPSHOT, .u.snap = &s};
+	int rc;
+
+	pthread_mutex_init(&s.mu, NULL);
+	rc = broadcast(e, &cmd, 1);
+	pthread_mutex_destroy(&s.mu);
+	*n = s.n;
+	return rc;
+}
+
+int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
+{
+	return ztun_engine_swap_policy(e, table, NULL);
+}
+
+int ztun_engine_policy_counters(ztun_engine *e, struct ztun_policy_counters *out, uint32_t n,
+				uint32_t *count, uint32_t *generation)
+{
+	struct zpolicy *p;
+	uint32_t total = 0;
+
+	if (n && !out)
+		return ZTUN_EINVAL;
+	/* policy_lock: never read a table whose predecessor's totals are not carried yet. */
+	pthread_mutex_lock(&e->policy_lock);
+	p = e->policy;
+	if (p) {
+		total = 1 + ztun_policy_count(p->table);
+		for (uint32_t i = 0; i < n && i < total; i++)
+			ztun_policy_counters(p->table, (int32_t)i - 1, &out[i]);
+	}
+	if (count)
+		*count = total;
+	if (generation)
+		*generation = p ? p->gen : 0;
+	pthread_mutex_unlock(&e->policy_lock);
+	return 0;
 }
 
 int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out)

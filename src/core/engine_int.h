@@ -45,16 +45,35 @@ struct zlistener {
 	char *baggage;                 /* HBONE_OUT: baggage header value, or NULL */
 	uint8_t (*workload_ips)[16];   /* HBONE_IN: addresses of the workloads we serve */
 	uint32_t nworkload_ips;
+	char *workload_key;            /* policy: "namespace/name" of our workload, or NULL */
+	size_t workload_key_len;
+	/* workload_key resolved in table generation (high 32 bits) -> index (low 32 bits):
+	 * a cache any worker may refresh when its table is newer (indices are per table). */
+	_Atomic uint64_t workload_cache;
 };
 
 /* A compiled policy table shared by the workers: the last reference frees it. */
 struct zpolicy {
 	_Atomic int refs;
+	uint32_t gen;       /* 1, 2, ...: named in connection events */
 	ztun_policy *table;
 };
-struct zpolicy *zpolicy_new(ztun_policy *table);
+struct zpolicy *zpolicy_new(ztun_policy *table, uint32_t gen);
 void zpolicy_get(struct zpolicy *p);
 void zpolicy_put(struct zpolicy *p);
+
+/* The destination directory (outbound.c), sorted by address, shared read-only. */
+struct zdirent {
+	uint8_t ip[16];
+	struct ztls_expect *expect; /* NULL: passthrough */
+	struct sockaddr_storage via;
+};
+struct zdir {
+	_Atomic int refs;
+	uint32_t n;
+	struct zdirent *v;
+};
+void zdir_put(struct zdir *d);
 
 /* Counters each worker updates with relaxed atomics; summed on read. */
 struct zstats {
@@ -86,6 +105,14 @@ enum zcmd_type {
 	CMD_SET_POLICY,
 	CMD_STOP,
 	CMD_ADOPT,
+	CMD_SNAPSHOT,
+};
+
+/* A snapshot of live connections being filled by the workers. */
+struct zsnap {
+	pthread_mutex_t mu;
+	struct ztun_conn_info *out;
+	size_t cap, n;
 };
 
 /* A caller waiting for every worker to run a broadcast command. */
@@ -104,6 +131,7 @@ struct zcmd {
 		struct zlistener *listener;
 		struct zpolicy *policy;
 		uint32_t drain_ms;
+		struct zsnap *snap;
 		struct {
 			struct zlistener *l; /* a reference for the worker */
 			int fd;
@@ -114,6 +142,17 @@ struct zcmd {
 };
 
 struct zpipe;
+struct zflow;
+
+/* HBONE: received DATA chunks not yet written, pointing into the read buffer. */
+#define ZTUN_STAGE_MAX 64
+#define ZTUN_SCRATCH_BYTES (256u * 1024)
+struct zstage {
+	struct zflow *f;
+	const uint8_t *p;
+	uint32_t len;
+	int32_t sid;
+};
 
 struct zworker {
 	struct ztun_engine *e;
@@ -125,6 +164,7 @@ struct zworker {
 	struct ztag cmd_tag;
 	pthread_mutex_t qlock;
 	struct zcmd *qhead, *qtail;
+	int exited; /* under qlock: the loop ended, commands are refused */
 
 	struct zpool pool;
 	struct zpipe *pipes;  /* free splice pipes */
@@ -146,6 +186,8 @@ struct zworker {
 	struct zlist h2dirty;   /* ... with output to produce */
 	struct zlist h2zombies; /* ... closed, freed after the batch */
 	char *scratch;          /* TLS read buffer for HTTP/2 input */
+	struct zstage stage[ZTUN_STAGE_MAX];
+	uint32_t nstage;
 	uint64_t rng[2];        /* trace ids */
 
 	struct zpolicy *policy; /* this worker's reference, NULL: no policy */
@@ -171,7 +213,11 @@ struct ztun_engine {
 	struct zlistener **listeners;
 	int nlisteners, caplisteners;
 	struct zpolicy *policy;
+	pthread_mutex_t dir_lock;
+	struct zdir *dir;
 	int state;               /* 0 new, 1 running, 2 stopped */
+	pthread_mutex_t policy_lock; /* serializes policy swaps (and counter reads against them) */
+	uint32_t policy_gen;     /* the last generation handed out */
 };
 
 /* engine.c */

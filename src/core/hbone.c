@@ -46,7 +46,7 @@
 #define H2_MAX_HEADER_BYTES (16u * 1024)
 /* Reads per wake-up before yielding to other connections. */
 #define H2_READ_ROUNDS 16
-#define H2_READ_CHUNK (64u * 1024)
+#define H2_READ_CHUNK ZTUN_SCRATCH_BYTES
 /* TLS record overhead per record (header 5 + tag 16 + content type 1). */
 #define TLS_RECORD_OVERHEAD 22
 
@@ -94,6 +94,7 @@ struct zh2 {
 };
 
 static void h2_fail(struct zh2 *h, int reason, const char *why);
+static void stage_flush(struct zh2 *h);
 static void h2_mark(struct zh2 *h);
 static void h2_submit_request(struct zh2 *h, struct zflow *f);
 
@@ -101,7 +102,14 @@ static void h2_submit_request(struct zh2 *h, struct zflow *f);
 
 static struct zflow *stream_flow(struct zh2 *h, int32_t sid)
 {
-	return h->s ? nghttp2_session_get_stream_user_data(h->s, sid) : NULL;
+	struct zflow *f;
+
+	/* A connection that died inside a callback still gets the rest of its input
+	 * parsed by nghttp2: nothing of it may reach a flow any more. */
+	if (!h->s || h->state == H2_DEAD)
+		return NULL;
+	f = nghttp2_session_get_stream_user_data(h->s, sid);
+	return f && f->state != FS_CLOSED ? f : NULL;
 }
 
 static int stream_side(const struct zh2 *h)
@@ -379,7 +387,7 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
 	struct zh2 *h = user;
 	struct zflow *f;
 
-	if (!h->server || frame->hd.type != NGHTTP2_HEADERS ||
+	if (!h->server || h->state == H2_DEAD || frame->hd.type != NGHTTP2_HEADERS ||
 	    frame->headers.cat != NGHTTP2_HCAT_REQUEST)
 		return 0;
 	f = zflow_new(h->w, h->l);
@@ -467,20 +475,6 @@ static void respond(struct zh2 *h, struct zflow *f, int status, int with_body)
 	h2_mark(h);
 }
 
-static int is_local_workload(const struct zlistener *l, const struct sockaddr_storage *dst)
-{
-	uint8_t ip[16];
-
-	if (l->nworkload_ips == 0)
-		return 0;
-	addr_ip16(dst, ip);
-	for (uint32_t i = 0; i < l->nworkload_ips; i++) {
-		if (memcmp(l->workload_ips[i], ip, 16) == 0)
-			return 1;
-	}
-	return 0;
-}
-
 /* Refuse an inbound request with an HTTP status; the stream ends, the connection stays. */
 static void refuse(struct zh2 *h, struct zflow *f, int status, int reason, const char *why)
 {
@@ -518,7 +512,7 @@ static void handle_request(struct zh2 *h, struct zflow *f, int end_stream)
 		refuse(h, f, 400, ZTUN_CLOSE_PROTOCOL, "target port is one of ztun's own (15001/15006/15008)");
 		goto out;
 	}
-	if (!is_local_workload(f->l, &dst)) {
+	if (!zflow_local_workload(h->w, f->l, &dst)) {
 		refuse(h, f, 400, ZTUN_CLOSE_PROTOCOL, "target is not a workload of this node");
 		goto out;
 	}
@@ -553,6 +547,8 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
 			if (f->req && frame->headers.cat == NGHTTP2_HCAT_REQUEST)
 				handle_request(h, f, !!(frame->hd.flags & NGHTTP2_FLAG_END_STREAM));
 			else if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+				if (f->staged)
+					stage_flush(h);
 				f->ep[0].rd_eof = 1;
 				zflow_relay(h->w, f);
 			}
@@ -582,6 +578,8 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
 			return 0;
 		f = stream_flow(h, frame->hd.stream_id);
 		if (f) {
+			if (f->staged)
+				stage_flush(h); /* the bytes before END_STREAM go out before the FIN */
 			f->ep[stream_side(h)].rd_eof = 1;
 			zflow_relay(h->w, f);
 		}
@@ -599,42 +597,19 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
 	}
 }
 
-static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data, size_t len,
-			 void *user)
+static int rxq_append(struct zworker *w, struct zep *ep, const uint8_t *data, size_t len)
 {
-	struct zh2 *h = user;
-	struct zflow *f = stream_flow(h, sid);
-	struct zep *ep, *out;
 	size_t off = 0;
 
-	if (!f) {
-		nghttp2_session_consume(s, sid, len); /* nobody reads it: keep the window open */
-		return 0;
-	}
-	ep = &f->ep[stream_side(h)];
-	out = &f->ep[!stream_side(h)];
-	/* Fast path: nothing queued and the TCP side can take it — write it now. */
-	if (!ep->rxq_head && f->state == FS_RELAY && out->kind == EP_TCP && out->wr_ready) {
-		ssize_t r = send(out->fd, data, len, MSG_NOSIGNAL);
-
-		if (r > 0) {
-			off = (size_t)r;
-			zflow_count_bytes(h->w, f, stream_side(h), off);
-			nghttp2_session_consume(s, sid, off);
-		} else if (r < 0 && errno == EAGAIN) {
-			out->wr_ready = 0;
-		}
-		/* Other errors surface on the next relay write. */
-	}
 	while (off < len) {
 		struct zbuf *b = ep->rxq_tail;
 		struct iovec iov[2];
 		size_t take;
 
 		if (!b || !zbuf_space(b)) {
-			b = zpool_get(&h->w->pool, ZBUF_LARGE);
+			b = zpool_get(&w->pool, ZBUF_LARGE);
 			if (!b)
-				return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+				return -1;
 			if (ep->rxq_tail)
 				ep->rxq_tail->next = b;
 			else
@@ -650,8 +625,108 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
 			off += take;
 		}
 	}
-	if (ep->rxq_head && f->state == FS_RELAY && out->wr_ready && !zlist_linked(&f->alink))
-		zlist_add_tail(&h->w->again, &f->alink);
+	return 0;
+}
+
+/* Received DATA waits in the read buffer ("staged") until nghttp2 has parsed the
+ * whole batch; then each flow's chunks go out with one sendmsg and only what the
+ * socket did not take is copied into the flow's queue. No copy, one syscall per
+ * flow per batch in the common case. */
+static void stage_flush(struct zh2 *h)
+{
+	struct zworker *w = h->w;
+	int ss = stream_side(h);
+
+	for (uint32_t i = 0; i < w->nstage; i++) {
+		struct zflow *f = w->stage[i].f;
+		struct iovec iov[ZTUN_STAGE_MAX];
+		int n = 0;
+		size_t total = 0, sent = 0;
+		int32_t sid = w->stage[i].sid;
+
+		if (!f)
+			continue;
+		for (uint32_t j = i; j < w->nstage; j++) {
+			if (w->stage[j].f != f)
+				continue;
+			iov[n].iov_base = (void *)w->stage[j].p;
+			iov[n].iov_len = w->stage[j].len;
+			total += w->stage[j].len;
+			n++;
+			w->stage[j].f = NULL;
+		}
+		f->staged = 0;
+		if (f->state != FS_RELAY || !h->s) {
+			if (h->s)
+				nghttp2_session_consume_connection(h->s, total);
+			continue;
+		}
+		struct zep *ep = &f->ep[ss], *out = &f->ep[!ss];
+
+		if (out->wr_ready) {
+			struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
+			ssize_t r = sendmsg(out->fd, &m, MSG_NOSIGNAL);
+
+			if (r > 0)
+				sent = (size_t)r;
+			else if (r < 0 && errno == EAGAIN)
+				out->wr_ready = 0;
+			/* Other errors surface on the next relay write. */
+		}
+		if (sent) {
+			zflow_count_bytes(w, f, ss, sent);
+			if (ep->stream_id > 0)
+				nghttp2_session_consume(h->s, ep->stream_id, sent);
+			else
+				nghttp2_session_consume_connection(h->s, sent);
+		}
+		for (int k = 0; k < n && sent < total; k++) {
+			size_t skip = sent >= iov[k].iov_len ? iov[k].iov_len : sent;
+
+			sent -= skip;
+			total -= skip;
+			if (skip < iov[k].iov_len &&
+			    rxq_append(w, ep, (const uint8_t *)iov[k].iov_base + skip, iov[k].iov_len - skip) < 0) {
+				zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_RESET, END_RESET);
+				break;
+			}
+		}
+		if (ep->rxq_head && out->wr_ready && f->state == FS_RELAY && !zlist_linked(&f->alink))
+			zlist_add_tail(&w->again, &f->alink);
+		(void)sid;
+	}
+	w->nstage = 0;
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data, size_t len,
+			 void *user)
+{
+	struct zh2 *h = user;
+	struct zworker *w = h->w;
+	struct zflow *f = stream_flow(h, sid);
+	struct zep *ep, *out;
+
+	if (!f) {
+		nghttp2_session_consume(s, sid, len); /* nobody reads it: keep the window open */
+		return 0;
+	}
+	ep = &f->ep[stream_side(h)];
+	out = &f->ep[!stream_side(h)];
+	if (f->state == FS_RELAY && out->kind == EP_TCP && !ep->rxq_head) {
+		if (w->nstage == ZTUN_STAGE_MAX)
+			stage_flush(h);
+		if (!ep->rxq_head) {
+			w->stage[w->nstage++] = (struct zstage){f, data, (uint32_t)len, sid};
+			f->staged = 1;
+			return 0;
+		}
+	}
+	if (f->staged)
+		stage_flush(h); /* keep order: what is staged goes first */
+	if (rxq_append(w, ep, data, len) < 0)
+		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+	if (f->state == FS_RELAY && out->wr_ready && !zlist_linked(&f->alink))
+		zlist_add_tail(&w->again, &f->alink);
 	return 0;
 }
 
@@ -663,6 +738,8 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t error_code,
 
 	if (!f)
 		return 0;
+	if (f->staged)
+		stage_flush(h);
 	nghttp2_session_set_stream_user_data(s, sid, NULL);
 	f->ep[ss].stream_id = -1; /* closed in nghttp2; the flow may still flush */
 	if (error_code != NGHTTP2_NO_ERROR || f->state != FS_RELAY) {
@@ -750,7 +827,7 @@ static int h2_session_new(struct zh2 *h)
 	return 0;
 }
 
-static struct zh2 *h2_new(struct zworker *w, struct zlistener *l, int server)
+static struct zh2 *h2_new(struct zworker *w, struct zlistener *l, int server, struct ztls_expect *expect)
 {
 	struct zh2 *h = calloc(1, sizeof(*h));
 
@@ -775,9 +852,10 @@ static struct zh2 *h2_new(struct zworker *w, struct zlistener *l, int server)
 	h->tls = ztun_tls_ctx_ref(l->tls);
 	pthread_mutex_unlock(&l->tls_lock);
 	if (!server) {
-		h->expect = ztls_expect_ref(l->expect);
-		h->hs->expect = ztls_expect_ref(l->expect);
-		h->hs->slot = &l->slot;
+		h->expect = ztls_expect_ref(expect);
+		h->hs->expect = ztls_expect_ref(expect);
+		/* Resumption: one slot per listener, only when the listener has one hop. */
+		h->hs->slot = expect == l->expect ? &l->slot : NULL;
 	}
 	h->idle_since = w->now;
 	zstat_add(&w->stats.h2_opened, 1);
@@ -875,31 +953,43 @@ static void h2_read(struct zh2 *h)
 {
 	for (int i = 0; i < H2_READ_ROUNDS && h->state != H2_DEAD; i++) {
 		size_t n = 0;
-		int r;
+		int err = -EAGAIN;
 		ssize_t rv;
 
 		if (!h->ep.rd_ready)
 			return;
-		ERR_clear_error();
-		r = SSL_read_ex(h->ep.ssl, h->w->scratch, H2_READ_CHUNK, &n);
-		if (r <= 0) {
-			int err = zep_tls_error(&h->ep, r, 0);
+		/* SSL_read gives one record (<= 16 KiB) per call: gather a batch first. */
+		while (n < H2_READ_CHUNK) {
+			size_t got = 0;
+			int r;
 
-			if (err == -EAGAIN)
+			ERR_clear_error();
+			r = SSL_read_ex(h->ep.ssl, h->w->scratch + n, H2_READ_CHUNK - n, &got);
+			if (r <= 0) {
+				err = zep_tls_error(&h->ep, r, 0);
+				break;
+			}
+			n += got;
+		}
+		if (n) {
+			rv = nghttp2_session_mem_recv(h->s, (const uint8_t *)h->w->scratch, n);
+			stage_flush(h);
+			if (rv < 0) {
+				zstat_add(&h->w->stats.hbone_protocol_errors, 1);
+				h2_send(h); /* a GOAWAY nghttp2 queued, if any */
+				if (h->state != H2_DEAD)
+					h2_fail(h, ZTUN_CLOSE_PROTOCOL, nghttp2_strerror((int)rv));
 				return;
-			h2_fail(h, err == 0 ? ZTUN_CLOSE_OK : (err == -EPROTO ? ZTUN_CLOSE_TLS_ERROR
-									     : ZTUN_CLOSE_RESET_DOWN),
-				err == 0 ? "peer closed the connection" : NULL);
-			return;
+			}
 		}
-		rv = nghttp2_session_mem_recv(h->s, (const uint8_t *)h->w->scratch, n);
-		if (rv < 0) {
-			zstat_add(&h->w->stats.hbone_protocol_errors, 1);
-			h2_send(h); /* a GOAWAY nghttp2 queued, if any */
-			if (h->state != H2_DEAD)
-				h2_fail(h, ZTUN_CLOSE_PROTOCOL, nghttp2_strerror((int)rv));
-			return;
+		if (err == -EAGAIN) {
+			if (n < H2_READ_CHUNK)
+				return; /* drained (rd_ready was cleared) */
+			continue;
 		}
+		h2_fail(h, err == 0 ? ZTUN_CLOSE_OK : (err == -EPROTO ? ZTUN_CLOSE_TLS_ERROR : ZTUN_CLOSE_RESET_DOWN),
+			err == 0 ? "peer closed the connection" : NULL);
+		return;
 	}
 	h->read_again = 1; /* budget spent with data left: come back after the others */
 	h2_mark(h);
@@ -969,7 +1059,7 @@ static int h2_begin_tls(struct zh2 *h)
 
 void zh2_accept(struct zworker *w, struct zlistener *l, int fd, const struct sockaddr_storage *src)
 {
-	struct zh2 *h = h2_new(w, l, 1);
+	struct zh2 *h = h2_new(w, l, 1, NULL);
 
 	if (!h) {
 		close(fd);
@@ -1019,7 +1109,8 @@ static uint32_t stream_limit(const struct zh2 *h)
 
 /* Pool key: (our identity, acceptable peer identities, dialed address). The source
  * address is the kernel's choice for every connection we make, so it is implied. */
-static struct zh2 *pool_find(struct zworker *w, struct zlistener *l)
+static struct zh2 *pool_find(struct zworker *w, struct zlistener *l, const struct sockaddr_storage *hop,
+			     const struct ztls_expect *expect)
 {
 	const char *me;
 	struct zh2 *best = NULL;
@@ -1031,8 +1122,8 @@ static struct zh2 *pool_find(struct zworker *w, struct zlistener *l)
 
 		if (h->server || h->state > H2_ACTIVE || !h->tls)
 			continue;
-		if (strcmp(h->tls->identity, me) != 0 || !same_addr(&h->peer, &l->upstream) ||
-		    !same_expect(h->expect, l->expect))
+		if (strcmp(h->tls->identity, me) != 0 || !same_addr(&h->peer, hop) ||
+		    !same_expect(h->expect, expect))
 			continue;
 		if (h->nstreams >= stream_limit(h))
 			continue;
@@ -1044,10 +1135,10 @@ static struct zh2 *pool_find(struct zworker *w, struct zlistener *l)
 	return best;
 }
 
-static struct zh2 *pool_dial(struct zworker *w, struct zlistener *l)
+static struct zh2 *pool_dial(struct zworker *w, struct zlistener *l, const struct sockaddr_storage *dst,
+			     struct ztls_expect *expect)
 {
-	struct zh2 *h = h2_new(w, l, 0);
-	const struct sockaddr_storage *dst = &l->upstream;
+	struct zh2 *h = h2_new(w, l, 0, expect);
 	socklen_t dlen = dst->ss_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
 	int one = 1;
 
@@ -1112,17 +1203,24 @@ static void h2_submit_request(struct zh2 *h, struct zflow *f)
 void zh2_open_outbound(struct zworker *w, struct zflow *f)
 {
 	struct zlistener *l = f->l;
-	struct zh2 *h = pool_find(w, l);
+	struct zh2 *h;
 
+	if (!f->hop.ss_family) {
+		/* A static HBONE_OUT listener: its upstream, its expectations. */
+		f->hop = l->upstream;
+		if (!f->expect)
+			f->expect = ztls_expect_ref(l->expect);
+	}
+	h = pool_find(w, l, &f->hop, f->expect);
 	if (!h) {
-		h = pool_dial(w, l);
+		h = pool_dial(w, l, &f->hop, f->expect);
 		if (!h) {
 			zflow_set_detail(f, "cannot reach the HBONE peer");
 			zflow_close(w, f, ZTUN_CLOSE_CONNECT_ERROR, END_RESET, END_RESET);
 			return;
 		}
 	}
-	f->dst = l->upstream;
+	f->dst = f->hop;
 	f->ep[1].kind = EP_STREAM;
 	f->ep[1].h2 = h;
 	f->ep[1].stream_id = 0; /* submitted when the connection is ready */

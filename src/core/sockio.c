@@ -53,7 +53,12 @@ void zep_close(struct zep *ep, int reset)
 
 			setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 		}
-		close(ep->fd); /* also leaves the epoll set */
+		/* close() removes the fd from epoll only if no other process holds the
+		 * socket: after a fork() the child's copy would keep delivering events for
+		 * a freed connection. Remove it explicitly. */
+		if (ep->w && ep->w->epfd >= 0)
+			epoll_ctl(ep->w->epfd, EPOLL_CTL_DEL, ep->fd, NULL);
+		close(ep->fd);
 		ep->fd = -1;
 	}
 }
@@ -238,8 +243,14 @@ int zep_read(struct zep *ep, struct zbuf *b)
 	if (ep->kind == EP_TCP) {
 		ssize_t r = readv(ep->fd, iov, n);
 
-		if (r >= 0)
+		if (r >= 0) {
+			/* A short read drained the socket: skip the read that would say
+			 * EAGAIN. More data means a new edge; a FIN that came with this
+			 * edge (rdhup) still needs a read to be seen. */
+			if (r > 0 && !ep->rdhup && (size_t)r < iov[0].iov_len + (n > 1 ? iov[1].iov_len : 0))
+				ep->rd_ready = 0;
 			return (int)r;
+		}
 		if (errno == EAGAIN || errno == EINTR) {
 			if (errno == EAGAIN)
 				ep->rd_ready = 0;
@@ -288,8 +299,12 @@ int zep_write(struct zep *ep, struct zbuf *b)
 		struct msghdr m = {.msg_iov = iov, .msg_iovlen = (size_t)n};
 		ssize_t s = sendmsg(ep->fd, &m, MSG_NOSIGNAL);
 
-		if (s >= 0)
+		if (s >= 0) {
+			/* A short write filled the socket buffer: EPOLLOUT will say when to go on. */
+			if ((size_t)s < iov[0].iov_len + (n > 1 ? iov[1].iov_len : 0))
+				ep->wr_ready = 0;
 			return (int)s;
+		}
 		if (errno == EAGAIN || errno == EINTR) {
 			if (errno == EAGAIN)
 				ep->wr_ready = 0;
@@ -401,6 +416,9 @@ int zep_handshake(struct zep *ep, struct ztls_hs *hs, char **peer_id)
 			return -EACCES;
 		}
 		ztls_detach(ep->ssl);
+		/* The last handshake read may have pulled application data into OpenSSL's
+		 * read-ahead buffer, where no epoll edge will ever announce it: read once. */
+		ep->rd_ready = 1;
 		return 1;
 	}
 	e = SSL_get_error(ep->ssl, r);

@@ -252,6 +252,12 @@ char *ztls_peer_identity(SSL *ssl, struct ztls_hs *hs)
 			snprintf(hs->reason, sizeof(hs->reason), "peer certificate not verified");
 		return NULL;
 	}
+	/* A resumed session carries the certificate verified when it was made: it must
+	 * still be within its validity now. */
+	if (X509_cmp_current_time(X509_get0_notAfter(peer)) <= 0) {
+		snprintf(hs->reason, sizeof(hs->reason), "certificate expired");
+		return NULL;
+	}
 	if (leaf_spiffe_id(peer, id, sizeof(id), &why) || leaf_usage_ok(peer, &why)) {
 		snprintf(hs->reason, sizeof(hs->reason), "%s", why);
 		return NULL;
@@ -339,6 +345,18 @@ void ztls_slot_init(struct ztls_session_slot *s)
 {
 	pthread_mutex_init(&s->mu, NULL);
 	s->sess = NULL;
+}
+
+void ztls_slot_clear(struct ztls_session_slot *s)
+{
+	SSL_SESSION *old;
+
+	pthread_mutex_lock(&s->mu);
+	old = s->sess;
+	s->sess = NULL;
+	pthread_mutex_unlock(&s->mu);
+	if (old)
+		SSL_SESSION_free(old);
 }
 
 void ztls_slot_destroy(struct ztls_session_slot *s)

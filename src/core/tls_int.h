@@ -42,6 +42,8 @@ struct ztls_session_slot {
 	SSL_SESSION *sess;
 };
 void ztls_slot_init(struct ztls_session_slot *s);
+/* Forget the stored session (identity or trust changed: resume nothing made before). */
+void ztls_slot_clear(struct ztls_session_slot *s);
 void ztls_slot_destroy(struct ztls_session_slot *s);
 
 /* Per-connection handshake state, attached to the SSL while the handshake runs. */

@@ -11,7 +11,7 @@ from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
-from ztun._core cimport cztun
+from ztun._core cimport cpolicy, cztun
 from ztun._core.cztun cimport sockaddr_storage, socklen_t
 
 import ipaddress
@@ -49,6 +49,7 @@ MODE_TLS_OUT = cztun.ZTUN_MODE_TLS_OUT
 MODE_TLS_IN = cztun.ZTUN_MODE_TLS_IN
 MODE_HBONE_IN = cztun.ZTUN_MODE_HBONE_IN
 MODE_HBONE_OUT = cztun.ZTUN_MODE_HBONE_OUT
+MODE_SOCKS5 = cztun.ZTUN_MODE_SOCKS5
 LISTENER_POLICY = cztun.ZTUN_LISTENER_POLICY
 LISTENER_ORIGINAL_DST = cztun.ZTUN_LISTENER_ORIGINAL_DST
 LISTENER_VIRTUAL = cztun.ZTUN_LISTENER_VIRTUAL
@@ -63,6 +64,9 @@ EV_CONNECT_DONE = cztun.ZTUN_EV_CONNECT_DONE
 EVMASK_OPEN = cztun.ZTUN_EVMASK_OPEN
 EVMASK_CLOSE = cztun.ZTUN_EVMASK_CLOSE
 EVMASK_LOG = cztun.ZTUN_EVMASK_LOG
+EVPOL_DRY_RUN = cztun.ZTUN_EVPOL_DRY_RUN
+EVPOL_DRY_RUN_DENY = cztun.ZTUN_EVPOL_DRY_RUN_DENY
+EVPOL_RECHECKED = cztun.ZTUN_EVPOL_RECHECKED
 
 _EV_NAMES = {
     cztun.ZTUN_EV_CONN_OPEN: "open",
@@ -258,6 +262,11 @@ cdef object _parse_event(const char *p):
             "mode": c.mode,
             "policy": c.policy,
             "policy_rule": c.policy_rule,
+            "policy_gen": c.policy_gen,
+            "policy_reason": c.policy_reason,
+            "policy_flags": c.policy_flags,
+            "dry_run_policy": c.dry_run_policy,
+            "dry_run_rule": c.dry_run_rule,
             "http_status": c.http_status,
             "errno": c.sys_errno,
             "start_ns": c.start_ns,
@@ -292,14 +301,17 @@ cdef class Engine:
     cdef cztun.ztun_engine *_e
     cdef object _tls_keep   # listener id -> TlsContext, so contexts outlive their use
     cdef bytearray _evbuf
+    cdef bint _closed
 
     def __cinit__(self):
         self._e = NULL
+        self._closed = False
 
     def __init__(self, int workers=0, uint32_t connect_timeout_ms=0,
                  uint32_t handshake_timeout_ms=0, uint32_t idle_timeout_ms=0,
                  uint32_t event_ring_bytes=0, uint32_t buf_small=0, uint32_t buf_large=0,
-                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0):
+                 uint32_t events=cztun.ZTUN_EVMASK_ALL, uint32_t splice_pipe=0,
+                 uint32_t spin_us=0):
         cdef cztun.ztun_engine_config cfg
         cdef int rc
         if workers < 0 or workers > 256:
@@ -314,6 +326,7 @@ cdef class Engine:
         cfg.buf_large = buf_large
         cfg.events = events
         cfg.splice_pipe = splice_pipe
+        cfg.spin_us = spin_us
         with nogil:
             rc = cztun.ztun_engine_new(&cfg, &self._e)
         _check(rc, "engine")
@@ -327,7 +340,7 @@ cdef class Engine:
             self._e = NULL
 
     cdef int _alive(self) except -1:
-        if self._e == NULL:
+        if self._e == NULL or self._closed:
             raise EngineError(-10008, "engine is closed")
         return 0
 
@@ -355,17 +368,25 @@ cdef class Engine:
             cztun.ztun_engine_stop(self._e, drain_ms)
 
     def close(self) -> None:
-        if self._e != NULL:
-            with nogil:
-                cztun.ztun_engine_free(self._e)
-            self._e = NULL
+        """Stop the workers and close the listening sockets. The memory is released
+        when the object goes away, so a call racing with close() on another thread
+        fails cleanly instead of touching freed memory."""
+        if self._e == NULL or self._closed:
+            return
+        self._closed = True
+        with nogil:
+            cztun.ztun_engine_stop(self._e, 0)
         self._tls_keep = {}
 
     def add_listener(self, int mode, object bind=None, object upstream=None, *,
                      TlsContext tls=None, int fd=-1, object expect=(), uint32_t flags=0,
                      int32_t workload=-1, object target=None, int backlog=0,
-                     object baggage=None, object workload_ips=()):
-        """Open a listener; returns (listener id, bound (host, port))."""
+                     object baggage=None, object workload_ips=(), object workload_key=None):
+        """Open a listener; returns (listener id, bound (host, port)).
+
+        ``workload_key`` ("namespace/name"): the destination workload policy judges this
+        listener's connections as, looked up again in every table set later.
+        """
         cdef cztun.ztun_listener_spec spec
         cdef uint32_t lid = 0
         cdef sockaddr_storage bound
@@ -373,6 +394,7 @@ cdef class Engine:
         cdef int rc, i, n
         cdef const char **ids = NULL
         cdef bytes bag
+        cdef bytes wkey
         cdef bytes ips16 = b"".join(
             ipaddress.IPv6Address(f"::ffff:{ip}").packed if ipaddress.ip_address(ip).version == 4
             else ipaddress.ip_address(ip).packed for ip in workload_ips)
@@ -406,6 +428,11 @@ cdef class Engine:
         if baggage is not None:
             bag = baggage.encode()
             spec.baggage = bag
+        if workload_key is not None:
+            wkey = workload_key.encode()
+            if b"\0" in wkey:
+                raise ValueError("workload_key: must not contain NUL")
+            spec.workload_key = wkey
         if ips16:
             spec.workload_ips = <const unsigned char (*)[16]><const char *>ips16
             spec.nworkload_ips = len(ips16) // 16
@@ -452,6 +479,40 @@ cdef class Engine:
             rc = cztun.ztun_engine_adopt(self._e, listener_id, fd, ptarget, request_id)
         _check(rc, f"listener {listener_id}")
 
+    def set_directory(self, entries) -> None:
+        """Replace the directory of mesh destinations: (ip, spiffe_id or None, via or None)."""
+        cdef list rows = list(entries)
+        cdef int n = len(rows), i, rc
+        cdef cztun.ztun_dir_entry *v = NULL
+        self._alive()
+        keep = []
+        v = <cztun.ztun_dir_entry *>malloc((n if n else 1) * sizeof(cztun.ztun_dir_entry))
+        if v == NULL:
+            raise MemoryError()
+        try:
+            memset(v, 0, (n if n else 1) * sizeof(cztun.ztun_dir_entry))
+            for i in range(n):
+                ip, ident, via = rows[i]
+                addr = ipaddress.ip_address(ip)
+                packed = (ipaddress.IPv6Address(f"::ffff:{addr}").packed if addr.version == 4
+                          else addr.packed)
+                memcpy(v[i].ip, <const char *>packed, 16)
+                if ident is not None:
+                    b = ident.encode()
+                    keep.append(b)
+                    v[i].identity = b
+                if via is not None:
+                    _to_sockaddr(via, &v[i].via, "via")
+            with nogil:
+                rc = cztun.ztun_engine_set_directory(self._e, v, n)
+        finally:
+            free(v)
+        _check(rc, "directory")
+
+    def tls_listeners(self) -> list:
+        """Ids of the listeners that hold a TLS context (to swap on rotation)."""
+        return list(self._tls_keep)
+
     def pause_accept(self) -> None:
         cdef int rc
         self._alive()
@@ -459,12 +520,84 @@ cdef class Engine:
             rc = cztun.ztun_engine_pause_accept(self._e)
         _check(rc, "pause")
 
+    def set_policy(self, object blob) -> int:
+        """Swap in a compiled policy table (``PolicySet.compile()`` bytes; None removes
+        policy). Returns the table's generation (named in connection events). The blob is
+        validated first: a malformed one raises and changes nothing."""
+        cdef const unsigned char[::1] view
+        cdef const void *ptr = NULL
+        cdef size_t n = 0
+        cdef cpolicy.ztun_policy *t = NULL
+        cdef uint32_t gen = 0
+        cdef int rc
+        self._alive()
+        if blob is not None:
+            view = blob
+            n = view.shape[0]
+            if n:
+                ptr = &view[0]
+            with nogil:
+                rc = cpolicy.ztun_policy_load(ptr, n, &t)
+            _check(rc, "policy table")
+        with nogil:
+            rc = cztun.ztun_engine_swap_policy(self._e, <cztun.ztun_policy *>t, &gen)
+        _check(rc, "set policy")
+        return gen
+
+    def policy_counters(self) -> tuple:
+        """``(generation, [(allowed, denied, dry_run), ...])`` of the table in force:
+        entry 0 is the defaults, entry 1 + i policy i (empty without a table)."""
+        cdef uint32_t count = 0, gen = 0, n
+        cdef cztun.ztun_policy_counters *buf = NULL
+        self._alive()
+        while True:
+            with nogil:
+                cztun.ztun_engine_policy_counters(self._e, NULL, 0, &count, &gen)
+            if count == 0:
+                return gen, []
+            n = count
+            buf = <cztun.ztun_policy_counters *>malloc(n * sizeof(cztun.ztun_policy_counters))
+            if buf == NULL:
+                raise MemoryError()
+            try:
+                with nogil:
+                    cztun.ztun_engine_policy_counters(self._e, buf, n, &count, &gen)
+                if count == n:  # else a swap changed the table size meanwhile: again
+                    return gen, [(buf[i].allowed, buf[i].denied, buf[i].dry_run)
+                                 for i in range(n)]
+            finally:
+                free(buf)
+
     def stats(self) -> dict:
         cdef cztun.ztun_stats s
         self._alive()
         with nogil:
             cztun.ztun_engine_stats(self._e, &s)
         return _stats_dict(&s)
+
+    def connections(self) -> list:
+        """Live connections: (conn_id, listener_id, mode, relaying, bytes_down_up,
+        bytes_up_down, start_ns) tuples, read from every worker."""
+        cdef size_t cap = 1024, n = 0
+        cdef cztun.ztun_conn_info *v = NULL
+        cdef int rc
+        self._alive()
+        while True:
+            v = <cztun.ztun_conn_info *>malloc(cap * sizeof(cztun.ztun_conn_info))
+            if v == NULL:
+                raise MemoryError()
+            with nogil:
+                rc = cztun.ztun_engine_connections(self._e, v, cap, &n)
+            if rc < 0 or n <= cap:
+                break
+            free(v)
+            cap = n + n // 4 + 16
+        try:
+            _check(rc, "connections")
+            return [(v[i].conn_id, v[i].listener_id, v[i].mode, bool(v[i].state),
+                     v[i].bytes_down_up, v[i].bytes_up_down, v[i].start_ns) for i in range(n)]
+        finally:
+            free(v)
 
     def read_events(self) -> list:
         """Drain pending events (a batch); empty list when none."""

@@ -40,6 +40,10 @@ cdef extern from "ztun/tls.h" nogil:
 cdef extern from "ztun/engine.h" nogil:
     ctypedef struct ztun_engine
     ctypedef struct ztun_policy
+    struct ztun_policy_counters:
+        uint64_t allowed
+        uint64_t denied
+        uint64_t dry_run
 
     struct ztun_engine_config:
         int workers
@@ -51,6 +55,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint32_t buf_large
         uint32_t events
         uint32_t splice_pipe
+        uint32_t spin_us
 
     enum:
         ZTUN_MODE_FORWARD
@@ -58,6 +63,7 @@ cdef extern from "ztun/engine.h" nogil:
         ZTUN_MODE_TLS_IN
         ZTUN_MODE_HBONE_IN
         ZTUN_MODE_HBONE_OUT
+        ZTUN_MODE_SOCKS5
         ZTUN_LISTENER_POLICY
         ZTUN_LISTENER_ORIGINAL_DST
         ZTUN_LISTENER_VIRTUAL
@@ -73,6 +79,9 @@ cdef extern from "ztun/engine.h" nogil:
         ZTUN_EVMASK_CLOSE
         ZTUN_EVMASK_LOG
         ZTUN_EVMASK_ALL
+        ZTUN_EVPOL_DRY_RUN
+        ZTUN_EVPOL_DRY_RUN_DENY
+        ZTUN_EVPOL_RECHECKED
 
     struct ztun_listener_spec:
         int mode
@@ -92,6 +101,7 @@ cdef extern from "ztun/engine.h" nogil:
         const char *baggage
         const unsigned char (*workload_ips)[16]
         int nworkload_ips
+        const char *workload_key
 
     struct ztun_stats:
         uint64_t bytes_down_up
@@ -131,6 +141,11 @@ cdef extern from "ztun/engine.h" nogil:
         int32_t policy_rule
         int32_t http_status
         int32_t sys_errno
+        uint32_t policy_gen
+        uint16_t policy_reason
+        uint16_t policy_flags
+        int32_t dry_run_policy
+        int32_t dry_run_rule
         uint64_t start_ns
         uint64_t duration_ns
         uint64_t bytes_down_up
@@ -164,8 +179,25 @@ cdef extern from "ztun/engine.h" nogil:
     int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd,
                           const sockaddr_storage *target, uint64_t request_id)
     int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table)
+    int ztun_engine_swap_policy(ztun_engine *e, ztun_policy *table, uint32_t *generation)
+    int ztun_engine_policy_counters(ztun_engine *e, ztun_policy_counters *out, uint32_t n,
+                                    uint32_t *count, uint32_t *generation)
+    struct ztun_dir_entry:
+        unsigned char ip[16]
+        const char *identity
+        sockaddr_storage via
+    int ztun_engine_set_directory(ztun_engine *e, const ztun_dir_entry *entries, int n)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)
+    struct ztun_conn_info:
+        uint64_t conn_id
+        uint32_t listener_id
+        uint16_t mode
+        uint16_t state
+        uint64_t bytes_down_up
+        uint64_t bytes_up_down
+        uint64_t start_ns
+    int ztun_engine_connections(ztun_engine *e, ztun_conn_info *out, size_t cap, size_t *n)
     int ztun_engine_event_fd(const ztun_engine *e)
     int ztun_engine_read_events(ztun_engine *e, void *buf, size_t len, size_t *used)
     int ztun_engine_arm_events(ztun_engine *e)

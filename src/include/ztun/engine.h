@@ -21,6 +21,7 @@
 typedef struct ztun_engine ztun_engine;
 typedef struct ztun_tls_ctx ztun_tls_ctx; /* see tls.h */
 typedef struct ztun_policy ztun_policy;   /* see policy.h */
+struct ztun_policy_counters;              /* see policy.h */
 
 struct ztun_engine_config {
 	int workers;                   /* 0: one per online CPU */
@@ -33,6 +34,7 @@ struct ztun_engine_config {
 	uint32_t events;               /* ZTUN_EVMASK_* bits: which events to emit */
 	uint32_t splice_pipe;          /* TCP-to-TCP legs: splice(2) through pipes of this
 	                                * many bytes; 0: copy through buffers */
+	uint32_t spin_us;              /* after work, poll this long before sleeping; 0: never */
 };
 
 /* What a listener does with the connections it accepts. */
@@ -42,6 +44,7 @@ enum ztun_listener_mode {
 	ZTUN_MODE_TLS_IN = 3,  /* mutual TLS in (server side), plaintext to the upstream */
 	ZTUN_MODE_HBONE_IN = 4,  /* mutual TLS + HTTP/2 CONNECT in, plaintext to the authority */
 	ZTUN_MODE_HBONE_OUT = 5, /* plaintext in, HTTP/2 CONNECT over pooled mutual TLS out */
+	ZTUN_MODE_SOCKS5 = 6,    /* plaintext SOCKS5 in; the destination is routed (directory) */
 };
 
 struct ztun_listener_spec {
@@ -53,7 +56,9 @@ struct ztun_listener_spec {
 	struct sockaddr_storage upstream; /* where accepted connections go */
 	socklen_t upstream_len;
 	ztun_tls_ctx *tls;               /* TLS_* and HBONE_* modes; the listener takes a reference */
-	int32_t workload;                /* destination workload index for policy, -1: none */
+	/* The destination workload policy judges this listener's connections as: an index in
+	 * the table in force, or -1 for the table's default workload. Prefer workload_key. */
+	int32_t workload;
 	uint32_t flags;                  /* ZTUN_LISTENER_* */
 	/* HBONE_OUT: the inner CONNECT target when different from upstream (e.g. a
 	 * workload ip:port reached through its node's ip:15008); family 0 = upstream. */
@@ -69,6 +74,11 @@ struct ztun_listener_spec {
 	 * a CONNECT to any other address is answered 400. */
 	const uint8_t (*workload_ips)[16];
 	int nworkload_ips;
+	/* Policy: the destination workload by name ("namespace/name"), looked up in each
+	 * table swapped in (indices change between tables); a table that does not know it
+	 * judges the connections as its default workload. NULL: use `workload`.
+	 * HBONE_IN: the CONNECT authority's workload in the table wins when it has one. */
+	const char *workload_key;
 };
 
 enum {
@@ -108,9 +118,47 @@ int ztun_engine_pause_accept(ztun_engine *e);
 int ztun_engine_adopt(ztun_engine *e, uint32_t listener_id, int fd, const struct sockaddr_storage *target,
 		      uint64_t request_id);
 
-/* Policy: the engine takes ownership of the table (NULL removes policy). Live
- * connections are re-checked against the new table and newly denied ones closed. */
+/* Policy: the engine takes ownership of the table (NULL removes policy), also when it
+ * fails. Every worker switches to it before this returns; then live connections that
+ * were authorized are re-checked against it (not counted) and the newly denied ones
+ * reset with ZTUN_CLOSE_POLICY_CHANGED, each logged. The decision counters of the old
+ * table are added to the new one's same-named policies. Each call makes a new table
+ * generation (1, 2, ...; 0 means "no table"), reported in connection events so that a
+ * policy index can be named after later swaps; *generation gets it (may be NULL).
+ * Calls are serialized. Before ztun_engine_start() the table is simply installed. */
 int ztun_engine_set_policy(ztun_engine *e, ztun_policy *table);
+int ztun_engine_swap_policy(ztun_engine *e, ztun_policy *table, uint32_t *generation);
+/* Decision counters of the table in force (carried across swaps by policy name):
+ * out[0] is the defaults (no policy decided), out[1 + i] policy i. Fills min(n, count)
+ * entries; *count gets 1 + the table's policies (0 without a table), *generation its
+ * generation (0: none). Either pointer may be NULL. */
+int ztun_engine_policy_counters(ztun_engine *e, struct ztun_policy_counters *out, uint32_t n,
+				uint32_t *count, uint32_t *generation);
+
+/* The directory: which destination addresses are mesh workloads. Outbound
+ * connections with a per-connection destination (SOCKS5, ORIGINAL_DST) to a listed
+ * address go over HBONE to its hop expecting its identity; any other address gets
+ * a plain connection (passthrough). Replaces the whole directory atomically. */
+struct ztun_dir_entry {
+	uint8_t ip[16];              /* the workload's address (IPv4 as ::ffff:a.b.c.d) */
+	const char *identity;        /* its SPIFFE ID; NULL: not in the mesh (passthrough) */
+	struct sockaddr_storage via; /* its HBONE listener; family 0: the address itself, :15008 */
+};
+int ztun_engine_set_directory(ztun_engine *e, const struct ztun_dir_entry *entries, int n);
+
+/* Live connections, for metrics of connections that have not finished yet. */
+struct ztun_conn_info {
+	uint64_t conn_id;
+	uint32_t listener_id;
+	uint16_t mode;
+	uint16_t state;          /* 0: setting up, 1: relaying */
+	uint64_t bytes_down_up;
+	uint64_t bytes_up_down;
+	uint64_t start_ns;       /* CLOCK_REALTIME */
+};
+/* Copy up to cap live connections into out; *n receives how many there are in all
+ * (may exceed cap). Costs one round trip through every worker. */
+int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n);
 
 /* Counters. Sums over all workers, read with relaxed atomics. */
 enum ztun_close_reason {
@@ -192,6 +240,11 @@ struct ztun_event_conn {
 	int32_t policy_rule;
 	int32_t http_status;  /* HBONE status sent or received, 0: none */
 	int32_t sys_errno;    /* errno behind the reason, 0: none */
+	uint32_t policy_gen;  /* table generation `policy` indexes (0: no table decided) */
+	uint16_t policy_reason; /* enum ztun_policy_reason, 0: not evaluated */
+	uint16_t policy_flags;  /* ZTUN_EVPOL_* */
+	int32_t dry_run_policy; /* dry-run policy that would have decided, -1: none */
+	int32_t dry_run_rule;
 	uint64_t start_ns;    /* CLOCK_REALTIME */
 	uint64_t duration_ns; /* CLOSE only */
 	uint64_t bytes_down_up;
@@ -208,6 +261,11 @@ struct ztun_event_conn {
 	uint16_t _pad;
 	int32_t fd;                  /* ACCEPT: the caller's end of the socketpair */
 	/* followed by peer_id, detail, local_id, trace and baggage bytes (no NULs) */
+};
+enum {
+	ZTUN_EVPOL_DRY_RUN = 1u << 0,      /* dry-run policies applied to the connection */
+	ZTUN_EVPOL_DRY_RUN_DENY = 1u << 1, /* ... and, enforced too, would have denied it */
+	ZTUN_EVPOL_RECHECKED = 1u << 2,    /* the verdict is a re-check after a policy swap */
 };
 struct ztun_event_log {
 	struct ztun_event_hdr h;
