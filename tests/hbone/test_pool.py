@@ -111,24 +111,17 @@ def test_destination_is_part_of_the_key(client_tunnel: Tunnel, pki: dict[str, Pe
         assert (p4.connections(), p4b.connections(), p6.connections()) == (1, 1, 1)
 
 
-RESUMPTION_BUG = (
-    "engine: TLS session resumption survives an identity change: after set_identity() to "
-    "another SPIFFE ID the pool correctly opens a new connection, but it resumes a session "
-    "made under the old identity, so the peer authenticates it as the OLD SPIFFE ID (the "
-    "client session cache, l->slot, is not flushed/keyed by identity on set_listener_tls)"
-)
-
-
 @pytest.mark.parametrize(
     "resumption",
-    [pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=RESUMPTION_BUG)), False],
+    [True, False],
     ids=["resumption", "no_resumption"],
 )
 def test_source_identity_is_part_of_the_key(
     resumption: bool, ca: SpiffeCA, make_tunnel: Callable[..., Tunnel], echo_peer: H2ServerPeer
 ) -> None:
     """A renewed certificate of the same identity keeps using the pooled connection; another
-    identity gets its own connection, and the peer sees that identity on it."""
+    identity gets its own connection, and the peer sees that identity on it (with session
+    resumption too: at 00f3a4b the new connection resumed the old identity's session)."""
     t = make_tunnel(resumption=resumption)
     fwd = t.forward(("127.0.0.1", 0), ("127.0.0.1", 9000), expect=[PEER], via=echo_peer.address)
     assert echo_via(fwd.address) == b"ping"
