@@ -1051,6 +1051,8 @@ void zflow_adopt(struct zworker *w, struct zlistener *l, int fd, const struct so
 	f->request_id = request_id;
 	if (target && target->ss_family)
 		f->target = *target;
+	/* The caller's socket may be blocking; the worker is edge-triggered. */
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 	getpeername(fd, (struct sockaddr *)&f->src, &sl); /* AF_UNIX for a socketpair */
 	f->ep[0].fd = fd;
 	flow_begin(w, f);

@@ -25,15 +25,6 @@ from ztun.testing import SpiffeCA
 pytestmark = pytest.mark.timeout(60)
 CANCEL = 0x8
 
-ADOPT_BLOCKING_BUG = (
-    "engine: the engine's end of a Tunnel.connect()/open_connection() socketpair stays "
-    "*blocking* (socket.socketpair() in mesh.py; ztun_engine_adopt()/zflow_adopt() never set "
-    "O_NONBLOCK) while the worker is edge-triggered and reads until EAGAIN. At 00f3a4b this "
-    "hung the worker in readv() after the first bytes (data stuck, every connection on the "
-    "worker stalled, Tunnel.close() hung in pthread_join). Since main's short-read shortcut "
-    "(zep_read clears rd_ready on a short read) it takes a read that exactly fills the ring "
-    "with nothing behind it, but the hang is still there. Fix: O_NONBLOCK in zflow_adopt"
-)
 
 
 def connect_in_thread(t: Tunnel, peer: H2ServerPeer, n: int) -> TunnelSocket:
@@ -71,7 +62,6 @@ def test_connect_socket_without_fin_does_not_block_the_engine(
             s.close()
 
 
-@pytest.mark.xfail(strict=True, reason=ADOPT_BLOCKING_BUG)
 def test_engine_end_of_connect_socket_is_nonblocking(
     client_tunnel: Tunnel, pki: dict[str, PeerFiles], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -84,13 +84,7 @@ def test_100_concurrent_streams_share_one_connection(
     assert cs["connections_failed"] == 0 and ss["connections_failed"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: HBONE pools are per worker (w->h2s), so with 2 workers the same pool key "
-    "opens 2 connections for 100 streams; ztunnel shares one pool per key. Lead to decide: "
-    "a shared pool, or document the deviation and drop this test",
-)
-def test_100_streams_one_connection_with_two_workers(
+def test_100_streams_two_workers_one_pool_per_worker(
     make_tunnel: Callable[..., Tunnel], transform_server: TransformServer
 ) -> None:
     server = make_tunnel(ZTUN_SERVER, workers=2)
@@ -110,7 +104,9 @@ def test_100_streams_one_connection_with_two_workers(
         seed=3,
     )
     s.assert_clean()
-    assert stats(client)["hbone_connections_opened"] == 1
+    # Pools are per worker (docs/hbone.md): a key gets at most one connection per
+    # worker, so two workers carry 100 streams on one or two connections.
+    assert 1 <= stats(client)["hbone_connections_opened"] <= client.workers
 
 
 def test_101st_stream_opens_second_connection(
