@@ -196,11 +196,6 @@ def test_unclosed_tunnel_warns_resource_warning():
     assert wait_until(lambda: _threads() <= threads, 5), "the collected tunnel was not stopped"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: an unclosed Tunnel with a forward (or a subscriber) is kept alive by "
-    "its event pump thread: never collected, never warned, never stopped",
-)
 def test_unclosed_tunnel_with_forward_is_collected_and_warns(echo_server):
     threads = _threads()
 

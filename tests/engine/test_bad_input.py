@@ -154,11 +154,6 @@ NON_FINITE_TIMEOUTS = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: NaN / inf / > 49 days timeouts escape Tunnel's check and fail later "
-    "(ValueError from round(), OverflowError at start()) without naming the argument",
-)
 @pytest.mark.parametrize(
     "kw,name", NON_FINITE_TIMEOUTS, ids=[repr(k) for k, _ in NON_FINITE_TIMEOUTS]
 )
@@ -228,11 +223,6 @@ def test_listen_address_errors_name_the_address(tunnel):
     assert tunnel.stats().connections_opened == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Tunnel raises bare ValueError for bad arguments; issue 2 asks for "
-    "ztun.errors exceptions (ConfigError is a ZtunError and a ValueError)",
-)
 def test_bad_arguments_are_ztun_errors(tunnel):
     with pytest.raises(ZtunError):
         tunnel.forward(listen=("127.0.0.1", -1), to=ADDR)
