@@ -77,6 +77,9 @@ class Destination:
     ip: str
     spiffe_id: str | None = None
     via: Address | None = None
+    # On this node: with the eBPF accelerator the tunnel decides policy itself and the
+    # payload goes app to app in the kernel (the sockmap shortcut) instead of HBONE.
+    local: bool = False
 
 
 @dataclass
@@ -277,7 +280,7 @@ class MeshMixin:
             ip = _check_address((d.ip, 1), "destinations", allow_port_zero=False)[0]
             sid = self._check_spiffe(d.spiffe_id, "spiffe_id") if d.spiffe_id else None  # type: ignore[attr-defined]
             via = _check_address(d.via, "via", allow_port_zero=False) if d.via else None
-            rows.append((ip, sid, via))
+            rows.append((ip, sid, via, d.local))
         self._require_engine().set_directory(rows)  # type: ignore[attr-defined]
 
     def socks5(self, listen: Address = ("127.0.0.1", 15080)) -> Any:

@@ -34,10 +34,10 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ztun._core import _engine
-from ztun.errors import EngineError, IdentityError, ZtunError
+from ztun.errors import BpfError, EngineError, IdentityError, ZtunError
 from ztun.errors import invalid_argument as _bad
 from ztun.events import (
     ConnectionEvent,
@@ -111,6 +111,9 @@ class TunnelStats:
     hbone_connections_opened: int = 0
     hbone_connections_active: int = 0
     hbone_protocol_errors: int = 0
+    # the eBPF shortcut: connections paired app to app, and the bytes the kernel moved
+    bpf_pairs: int = 0
+    bpf_direct_bytes: int = 0
 
     @property
     def failures(self) -> dict[str, int]:
@@ -272,6 +275,7 @@ class Tunnel(MeshMixin):
         resumption: bool = True,
         chacha20: bool = False,
         access_log: bool = True,
+        accelerate: bool | None = False,
         policies: PolicyInput | None = None,
         workload: Workload | None = None,
         workloads: Sequence[Workload] = (),
@@ -309,6 +313,10 @@ class Tunnel(MeshMixin):
             _engine.TLS_CHACHA20 if chacha20 else 0
         )
         self._access_log = access_log
+        if accelerate not in (None, True, False):
+            raise _bad("accelerate", f"expected True, False or None (auto), got {accelerate!r}")
+        self._accelerate = accelerate
+        self._accelerator: Any = None
         if workload is not None and not isinstance(workload, Workload):
             raise _bad("workload", f"expected a ztun.policy.Workload, got {workload!r}")
         self._workload = workload
@@ -366,10 +374,41 @@ class Tunnel(MeshMixin):
             )
             if self._policy_blob is not None:
                 self._install(engine, self._policy_set, self._policy_blob)
+            self._attach_accelerator(engine)
             engine.start()
             self._engine = engine
             log.debug("tunnel started with %d workers", engine.workers)
         return self
+
+    def _attach_accelerator(self, engine: _engine.Engine) -> None:
+        """The eBPF sockmap shortcut (docs/sockmap.md): app<->ztun hops socket to socket,
+        and same-node pairs app to app in the kernel. Opt-in: sockets in a sockmap can
+        see a spurious EAGAIN on a blocking recv (a kernel quirk), which blocking
+        full-duplex apps may not expect."""
+        if self._accelerate is False:
+            return
+        from ztun import bpf
+
+        ok, why = bpf.available()
+        if not ok:
+            if self._accelerate:
+                raise BpfError(f"accelerate: eBPF acceleration is not available: {why}")
+            bpf.log_unavailable_once(log)
+            return
+        acc = bpf.SockmapAccelerator()
+        try:
+            handle, api = acc.engine_handle()
+            engine.set_bpf(handle, api)
+        except BaseException:
+            acc.close()
+            raise
+        self._accelerator = acc
+        log.info("eBPF acceleration on (cgroup %s)", acc.cgroup)
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the eBPF sockmap shortcut is active."""
+        return self._accelerator is not None
 
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, let connections finish for up to ``drain`` seconds, stop."""
@@ -387,6 +426,10 @@ class Tunnel(MeshMixin):
         self._drain_events()
         self._mesh_close()
         engine.close()
+        if self._accelerator is not None:
+            # Only now: the engine's workers no longer call into it.
+            self._accelerator.close()
+            self._accelerator = None
         with self._lock:
             self._engine = None
             self._endpoints.clear()
@@ -843,6 +886,8 @@ class Tunnel(MeshMixin):
             hbone_connections_opened=s["hbone_connections_opened"],
             hbone_connections_active=s["hbone_connections_active"],
             hbone_protocol_errors=s["hbone_protocol_errors"],
+            bpf_pairs=s["bpf_pairs"],
+            bpf_direct_bytes=s["bpf_direct_bytes"],
         )
 
     @property

@@ -32,6 +32,7 @@
 #define RELAY_ROUNDS 8
 
 static void zpipe_put(struct zworker *w, struct zpipe *p);
+static void pair_end(struct zworker *w, struct zflow *f);
 
 /* ---- state -------------------------------------------------------------- */
 
@@ -168,6 +169,9 @@ void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, i
 	if (zlist_linked(&f->alink))
 		zlist_del(&f->alink);
 	zlist_del(&f->link);
+	/* Before the sockets close: nothing of the pair is redirected after this, and
+	 * the kernel's byte counts join ours for the access log. */
+	pair_end(w, f);
 
 	for (int s = 0; s < 2; s++) {
 		int how = s == 0 ? down_how : up_how;
@@ -304,6 +308,66 @@ void zpipe_pool_destroy(struct zworker *w)
 		zpipe_free(p);
 	}
 	w->npipes = 0;
+}
+
+/* ---- sockmap pairs ------------------------------------------------------- *
+ *
+ * When the accelerator is attached and both endpoints are plain TCP sockets to local
+ * apps, the pair is handed to the kernel: each app's sends go straight into the
+ * other app's socket (sk_msg), while we keep relaying whatever still comes our way
+ * (before the switch, and whenever the program falls back), carry FIN and RST, and
+ * count. The order argument is the BPF side's (docs/sockmap.md); our part of the
+ * protocol is the per-direction busy flag: up before every read, down once all we
+ * read has been written. */
+
+#define PAIR_TRIES 20 /* pair_add says EAGAIN until the peer's accept is complete */
+
+static void pair_busy(struct zworker *w, struct zflow *f, int d, int busy)
+{
+	if (!f->paired || f->busy[d] == busy)
+		return;
+	f->busy[d] = (uint8_t)busy;
+	w->e->bpf_api->relay_busy(w->e->bpf, f->pair_id, (unsigned)d, busy);
+}
+
+static void pair_try(struct zworker *w, struct zflow *f)
+{
+	const struct ztun_bpf_api *api = w->e->bpf_api;
+	int rc;
+
+	if (!f->pair_tries || f->paired)
+		return;
+	rc = api->pair_add(w->e->bpf, f->ep[0].fd, f->ep[1].fd, 0, &f->pair_id);
+	if (rc == -EAGAIN) {
+		f->pair_tries--;
+		return;
+	}
+	f->pair_tries = 0;
+	if (rc < 0)
+		return; /* not a local pair (or no room): the relay carries it */
+	f->paired = 1;
+	f->busy[0] = f->busy[1] = 1; /* a new pair starts busy both ways */
+	zstat_add(&w->stats.bpf_pairs, 1);
+	for (int d = 0; d < 2; d++) {
+		if (!f->buf[d] || zbuf_len(f->buf[d]) == 0)
+			pair_busy(w, f, d, 0);
+	}
+}
+
+static void pair_end(struct zworker *w, struct zflow *f)
+{
+	struct ztun_bpf_pair_stats st;
+
+	if (!f->paired)
+		return;
+	f->paired = 0;
+	if (w->e->bpf_api->pair_del(w->e->bpf, f->pair_id, &st) == 0) {
+		/* What went app to app never passed the relay: count it now. */
+		for (int d = 0; d < 2; d++) {
+			zflow_count_bytes(w, f, d, st.direct_bytes[d]);
+			zstat_add(&w->stats.bpf_direct_bytes, st.direct_bytes[d]);
+		}
+	}
 }
 
 /* ---- relay -------------------------------------------------------------- */
@@ -467,6 +531,7 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 		}
 		uint32_t space = zbuf_space(b);
 
+		pair_busy(w, f, d, 1); /* before the read: the kernel must not go direct now */
 		r = zep_read(in, b);
 		if (r > 0) {
 			b->tail += (uint32_t)r;
@@ -500,6 +565,8 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 		zpool_put(&w->pool, b);
 		f->buf[d] = NULL;
 	}
+	if (!f->buf[d])
+		pair_busy(w, f, d, 0); /* everything we read is written: direct may resume */
 	r = shutdown_if_done(w, f, d, !f->buf[d]);
 	return r < 0 ? -1 : (progress | r);
 }
@@ -589,6 +656,10 @@ void zflow_relay(struct zworker *w, struct zflow *f)
 
 	if (f->state != FS_RELAY)
 		return;
+	if (f->pair_tries && w->now >= f->pair_next) {
+		f->pair_next = w->now + 1000000; /* again in about a millisecond */
+		pair_try(w, f);
+	}
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		int progress = 0;
 
@@ -639,6 +710,9 @@ void zflow_start_relay(struct zworker *w, struct zflow *f)
 {
 	clear_pending(f);
 	zflow_set_state(f, FS_RELAY);
+	if (w->e->bpf && f->marked && f->ep[0].kind == EP_TCP && f->ep[1].kind == EP_TCP &&
+	    f->ep[0].fd >= 0 && f->ep[1].fd >= 0)
+		f->pair_tries = PAIR_TRIES;
 	zsocks_reply(w, f, 1, ZTUN_CLOSE_OK);
 	if (f->request_id)
 		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE);
@@ -802,7 +876,7 @@ static int flow_eval(struct zflow *f, const struct zpolicy *p, uint16_t flags,
 	c.peer_id = f->peer_id;
 	c.peer_id_len = f->peer_id ? strlen(f->peer_id) : 0;
 	c.dst_workload = -1;
-	if (l->mode == ZTUN_MODE_HBONE_IN) {
+	if (l->mode == ZTUN_MODE_HBONE_IN || f->local_route) {
 		int r = ztun_policy_find_workload(p->table, c.dst_ip);
 
 		if (r >= 0)
@@ -963,6 +1037,17 @@ void zflow_connect(struct zworker *w, struct zflow *f, const struct sockaddr_sto
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	up->fd = fd;
 	up->kind = EP_TCP;
+	if (f->l->mode != ZTUN_MODE_TLS_OUT) {
+		/* A plaintext leg to an app: a crash of ztun resets it; with the accelerator
+		 * the mark lets its accepted socket join the sockhash (hop and pair). */
+		zep_linger_reset(up);
+		if (w->e->bpf) {
+			uint32_t mark = w->e->bpf_api->mark(w->e->bpf);
+
+			if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) == 0)
+				f->marked = 1;
+		}
+	}
 	if (zep_register(w, up) < 0) {
 		connect_failed(w, f, errno);
 		return;
@@ -1035,6 +1120,8 @@ void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct s
 	}
 	memcpy(&f->src, src, srclen < sizeof(f->src) ? srclen : sizeof(f->src));
 	f->ep[0].fd = fd;
+	if (l->mode != ZTUN_MODE_TLS_IN)
+		zep_linger_reset(&f->ep[0]); /* a plaintext app socket: see zep_linger_reset */
 	flow_begin(w, f);
 }
 

@@ -63,6 +63,7 @@ struct zep {
 	uint8_t notify_sent; /* TLS: close_notify queued */
 	uint8_t deferred;    /* STREAM: our data provider is waiting for bytes */
 	uint8_t rdhup;       /* the peer's FIN (or a hangup) was signalled */
+	uint8_t lingered;    /* SO_LINGER {1,0}: a crash of ztun resets the app, never a FIN */
 	int fd;
 	SSL *ssl;
 	struct zbuf *tx;     /* TLS: records OpenSSL wrote, not yet sent (see tx BIO) */
@@ -130,12 +131,21 @@ struct zflow {
 	uint8_t socks;                /* SOCKS5: negotiation step; 0 when not SOCKS */
 	uint8_t staged;               /* HBONE: has DATA chunks staged in the read buffer */
 	uint8_t tls_reason;           /* enum ztun_tls_reason when a handshake was refused */
+	uint8_t local_route;          /* same-node: decided here, then paired (policy by dst) */
+	uint8_t marked;               /* our upstream connect carries the accelerator's mark */
+	uint8_t paired;               /* sockmap pair: payload flows app to app in the kernel */
+	uint8_t pair_tries;           /* pair_add said EAGAIN: tries left */
+	uint8_t busy[2];              /* last relay_busy value told per direction */
+	uint64_t pair_id;
+	uint64_t pair_next;           /* when to try pair_add again */
 };
 
 /* ---- sockio.c: endpoint I/O ---------------------------------------------- */
 int zep_register(struct zworker *w, struct zep *ep);
 void zep_close(struct zep *ep, int reset);
 int zsock_error(int fd);
+/* SO_LINGER {1,0} now, {0,0} again before a graceful close (zep_close). */
+void zep_linger_reset(struct zep *ep);
 void zep_detail(struct zep *ep, const char *s);
 int zep_tls_attach(struct zep *ep);
 int zep_flush(struct zep *ep);

@@ -13,6 +13,7 @@
 #include "events.h"
 #include "list.h"
 #include "tls_int.h"
+#include "ztun/bpf.h"
 #include "ztun/engine.h"
 
 
@@ -67,6 +68,7 @@ struct zdirent {
 	uint8_t ip[16];
 	struct ztls_expect *expect; /* NULL: passthrough */
 	struct sockaddr_storage via;
+	uint32_t flags;             /* ZTUN_DIR_* */
 };
 struct zdir {
 	_Atomic int refs;
@@ -92,6 +94,8 @@ struct zstats {
 	_Atomic uint64_t h2_closed;
 	_Atomic uint64_t h2_reason[ZTUN_CLOSE__COUNT];
 	_Atomic uint64_t tls_failures[ZTUN_TLSR__COUNT];
+	_Atomic uint64_t bpf_pairs;
+	_Atomic uint64_t bpf_direct_bytes;
 };
 
 static inline void zstat_add(_Atomic uint64_t *c, uint64_t v)
@@ -216,6 +220,8 @@ struct ztun_engine {
 	struct zpolicy *policy;
 	pthread_mutex_t dir_lock;
 	struct zdir *dir;
+	ztun_bpf *bpf;                     /* the accelerator, or NULL */
+	const struct ztun_bpf_api *bpf_api;
 	int state;               /* 0 new, 1 running, 2 stopped */
 	pthread_mutex_t policy_lock; /* serializes policy swaps (and counter reads against them) */
 	uint32_t policy_gen;     /* the last generation handed out */

@@ -58,6 +58,14 @@ void zep_close(struct zep *ep, int reset)
 			 * still had queued (an alert, a close_notify): read it away first. */
 			char sink[16384];
 
+			if (ep->lingered) {
+				/* Graceful now: undo the crash-time reset (linger 0 would
+				 * drop what is still queued). */
+				struct linger lg = {0, 0};
+
+				setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+			}
+
 			shutdown(ep->fd, SHUT_WR);
 			for (int i = 0; i < 16 && recv(ep->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
 				;
@@ -70,6 +78,16 @@ void zep_close(struct zep *ep, int reset)
 		close(ep->fd);
 		ep->fd = -1;
 	}
+}
+
+void zep_linger_reset(struct zep *ep)
+{
+	struct linger lg = {.l_onoff = 1, .l_linger = 0};
+
+	/* If ztun dies (or is killed) the kernel then resets the app instead of sending
+	 * a FIN: a relayed stream must never look complete when it was cut short. */
+	if (setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) == 0)
+		ep->lingered = 1;
 }
 
 int zsock_error(int fd)

@@ -7,7 +7,7 @@ identity logic, and it releases the GIL around every call that can block.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -232,6 +232,8 @@ cdef dict _stats_dict(const cztun.ztun_stats *s):
             503: s.hbone_status[3], "other": s.hbone_status[4],
         },
         "hbone_protocol_errors": s.hbone_protocol_errors,
+        "bpf_pairs": s.bpf_pairs,
+        "bpf_direct_bytes": s.bpf_direct_bytes,
         "tls_failures": {
             TLS_REASONS[i]: s.tls_failures[i] for i in range(1, cztun.ZTUN_TLSR__COUNT)
         },
@@ -500,7 +502,9 @@ cdef class Engine:
         try:
             memset(v, 0, (n if n else 1) * sizeof(cztun.ztun_dir_entry))
             for i in range(n):
-                ip, ident, via = rows[i]
+                ip, ident, via = rows[i][:3]
+                if len(rows[i]) > 3 and rows[i][3]:
+                    v[i].flags = cztun.ZTUN_DIR_LOCAL
                 addr = ipaddress.ip_address(ip)
                 packed = (ipaddress.IPv6Address(f"::ffff:{addr}").packed if addr.version == 4
                           else addr.packed)
@@ -516,6 +520,14 @@ cdef class Engine:
         finally:
             free(v)
         _check(rc, "directory")
+
+    def set_bpf(self, uintptr_t handle, uintptr_t api) -> None:
+        """Hand the eBPF accelerator (ztun.bpf) to the engine, before start(); the
+        accelerator must stay open until the engine is closed."""
+        cdef int rc
+        self._alive()
+        rc = cztun.ztun_engine_set_bpf(self._e, <void *>handle, <const void *>api)
+        _check(rc, "bpf")
 
     def tls_listeners(self) -> list:
         """Ids of the listeners that hold a TLS context (to swap on rotation)."""

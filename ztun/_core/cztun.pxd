@@ -129,6 +129,8 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t h2_active
         uint64_t h2_close_reason[32]
         uint64_t tls_failures[32]
+        uint64_t bpf_pairs
+        uint64_t bpf_direct_bytes
 
     struct ztun_event_hdr:
         uint32_t len
@@ -191,6 +193,10 @@ cdef extern from "ztun/engine.h" nogil:
         unsigned char ip[16]
         const char *identity
         sockaddr_storage via
+        uint32_t flags
+    enum:
+        ZTUN_DIR_LOCAL
+    int ztun_engine_set_bpf(ztun_engine *e, void *handle, const void *api)
     int ztun_engine_set_directory(ztun_engine *e, const ztun_dir_entry *entries, int n)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)

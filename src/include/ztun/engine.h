@@ -144,6 +144,12 @@ struct ztun_dir_entry {
 	uint8_t ip[16];              /* the workload's address (IPv4 as ::ffff:a.b.c.d) */
 	const char *identity;        /* its SPIFFE ID; NULL: not in the mesh (passthrough) */
 	struct sockaddr_storage via; /* its HBONE listener; family 0: the address itself, :15008 */
+	uint32_t flags;              /* ZTUN_DIR_* */
+};
+enum {
+	/* The workload lives on this node: with the eBPF accelerator, policy is decided
+	 * here and its payload goes app to app in the kernel instead of over HBONE. */
+	ZTUN_DIR_LOCAL = 1u << 0,
 };
 int ztun_engine_set_directory(ztun_engine *e, const struct ztun_dir_entry *entries, int n);
 
@@ -160,6 +166,13 @@ struct ztun_conn_info {
 /* Copy up to cap live connections into out; *n receives how many there are in all
  * (may exceed cap). Costs one round trip through every worker. */
 int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n);
+
+/* The eBPF accelerator (ztun/bpf.py owns it): a `ztun_bpf *` handle and its function
+ * table (`const struct ztun_bpf_api *`, see ztun/bpf.h). Only before start(); the
+ * accelerator must outlive the engine. With it, the engine registers its listening
+ * sockets (app<->ztun hops go socket to socket), marks its plaintext connects, and
+ * pairs TCP<->TCP connections so same-node payload flows app to app in the kernel. */
+int ztun_engine_set_bpf(ztun_engine *e, void *handle, const void *api);
 
 /* Counters. Sums over all workers, read with relaxed atomics. */
 enum ztun_close_reason {
@@ -206,6 +219,8 @@ struct ztun_stats {
 	uint64_t h2_active;
 	uint64_t h2_close_reason[ZTUN_CLOSE__COUNT];
 	uint64_t tls_failures[ZTUN_TLSR__COUNT]; /* refused handshakes, by reason */
+	uint64_t bpf_pairs;         /* connections whose payload went app to app (sockmap) */
+	uint64_t bpf_direct_bytes;  /* bytes those carried in the kernel, bypassing the relay */
 };
 int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out);
 
