@@ -377,6 +377,7 @@ class Tunnel(MeshMixin):
             self._attach_accelerator(engine)
             engine.start()
             self._engine = engine
+            self._update_event_mask()
             log.debug("tunnel started with %d workers", engine.workers)
         return self
 
@@ -903,11 +904,31 @@ class Tunnel(MeshMixin):
         def unsubscribe() -> None:
             with self._lock, contextlib.suppress(ValueError):
                 self._subscribers.remove(callback)
+            self._update_event_mask()
 
         return unsubscribe
 
+    def _update_event_mask(self) -> None:
+        """Ask the engine only for the per-connection records somebody uses: with no
+        subscriber and the access log off (or its logger not enabled for INFO when the
+        last listener or subscriber was added), the engine writes none and Python
+        handles none."""
+        with self._lock:
+            engine = self._engine
+            mask = _engine.EVMASK_LOG
+            if self._subscribers:
+                mask |= _engine.EVMASK_OPEN | _engine.EVMASK_CLOSE
+            elif self._access_log and access_logger.isEnabledFor(logging.INFO):
+                mask |= _engine.EVMASK_CLOSE
+        if engine is not None:
+            with contextlib.suppress(EngineError):
+                engine.set_events(mask)
+
     def _ensure_pump(self) -> None:
         """Start delivering events: on the asyncio loop if we run in one, else a thread."""
+        # Every new listener and subscriber passes here: a good moment to notice that
+        # the access log was turned on (or off) since.
+        self._update_event_mask()
         with self._lock:
             if self._engine is None or self._pump is not None or self._pump_stop is not None:
                 return

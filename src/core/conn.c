@@ -84,7 +84,7 @@ int zflow_emit(struct zworker *w, struct zflow *f, int type)
 	uint32_t len;
 	char *p;
 
-	if (!(w->e->cfg.events & mask))
+	if (!(atomic_load_explicit(&w->e->events, memory_order_relaxed) & mask))
 		return 0;
 	for (int i = 0; i < 5; i++) {
 		lens[i] = parts[i] ? strlen(parts[i]) : 0;

@@ -125,7 +125,7 @@ void zworker_emit_log(struct zworker *w, int level, const char *fmt, ...)
 	va_list ap;
 	int n;
 
-	if (!(w->e->cfg.events & ZTUN_EVMASK_LOG))
+	if (!(atomic_load_explicit(&w->e->events, memory_order_relaxed) & ZTUN_EVMASK_LOG))
 		return;
 	va_start(ap, fmt);
 	n = vsnprintf(msg, sizeof(msg), fmt, ap);
@@ -622,6 +622,7 @@ int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out)
 	if (!e)
 		return ZTUN_ENOMEM;
 	e->cfg = *cfg;
+	atomic_store(&e->events, cfg->events);
 	if (!e->cfg.connect_timeout_ms)
 		e->cfg.connect_timeout_ms = 10000;
 	if (!e->cfg.handshake_timeout_ms)
@@ -1082,6 +1083,11 @@ int ztun_engine_swap_policy(ztun_engine *e, ztun_policy *table, uint32_t *genera
 	if (generation)
 		*generation = gen;
 	return rc;
+}
+
+void ztun_engine_set_events(ztun_engine *e, uint32_t mask)
+{
+	atomic_store_explicit(&e->events, mask, memory_order_relaxed);
 }
 
 int ztun_engine_set_bpf(ztun_engine *e, void *handle, const void *api)

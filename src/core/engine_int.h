@@ -205,6 +205,7 @@ struct zworker {
 
 struct ztun_engine {
 	struct ztun_engine_config cfg;
+	_Atomic uint32_t events; /* ZTUN_EVMASK_*: which events to emit, changeable live */
 	int nworkers;
 	struct zworker *workers;
 	int evfd;

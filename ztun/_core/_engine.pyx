@@ -636,6 +636,11 @@ cdef class Engine:
             off += h.len
         return out
 
+    def set_events(self, uint32_t mask) -> None:
+        """Which events the engine emits from now on (EVMASK_* bits)."""
+        self._alive()
+        cztun.ztun_engine_set_events(self._e, mask)
+
     def arm_events(self) -> bool:
         """Arm the event fd; True if events are already pending (drain again)."""
         self._alive()

@@ -209,6 +209,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t bytes_up_down
         uint64_t start_ns
     int ztun_engine_connections(ztun_engine *e, ztun_conn_info *out, size_t cap, size_t *n)
+    void ztun_engine_set_events(ztun_engine *e, uint32_t mask)
     int ztun_engine_event_fd(const ztun_engine *e)
     int ztun_engine_read_events(ztun_engine *e, void *buf, size_t len, size_t *used)
     int ztun_engine_arm_events(ztun_engine *e)

@@ -292,6 +292,9 @@ struct ztun_event_log {
 	/* followed by msg bytes */
 };
 
+/* Which events to emit from now on (ZTUN_EVMASK_*): a caller that logs nothing per
+ * connection saves the records. Results (connect_done, accept) are always emitted. */
+void ztun_engine_set_events(ztun_engine *e, uint32_t mask);
 /* The fd to watch for readability; read it (8 bytes) then drain. */
 int ztun_engine_event_fd(const ztun_engine *e);
 /* Copy whole event records into buf (at most len bytes). *used gets the number of
