@@ -691,13 +691,8 @@ void zflow_run_again(struct zworker *w)
 {
 	struct zlist batch;
 
-	if (zlist_empty(&w->again))
-		return;
-	/* Take the current list: flows re-queued while running go to the next round. */
-	batch = w->again;
-	batch.next->prev = &batch;
-	batch.prev->next = &batch;
-	zlist_init(&w->again);
+	/* Flows re-queued while these run wait for the next round. */
+	zlist_take(&batch, &w->again);
 	while (!zlist_empty(&batch)) {
 		struct zflow *f = zlist_entry(batch.next, struct zflow, alink);
 

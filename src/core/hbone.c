@@ -1436,12 +1436,7 @@ void zh2_flush_dirty(struct zworker *w)
 {
 	struct zlist batch;
 
-	if (zlist_empty(&w->h2dirty))
-		return;
-	batch = w->h2dirty;
-	batch.next->prev = &batch;
-	batch.prev->next = &batch;
-	zlist_init(&w->h2dirty);
+	zlist_take(&batch, &w->h2dirty);
 	while (!zlist_empty(&batch)) {
 		struct zh2 *h = zlist_entry(batch.next, struct zh2, dlink);
 
