@@ -7,6 +7,10 @@ Knobs (environment):
   ZTUN_BENCH_INNER=N       pedantic rounds inside one test (default 1)
   ZTUN_BENCH_BYTES=N       bytes per throughput run (default 1 GiB, quick 256 MiB)
   ZTUN_BENCH_PATHS=a,b     only these paths (direct is always added: ratios need it)
+  ZTUN_BENCH_IDLE=N        idle connections held per path for the memory figure (default
+                           9000: 2 fds each in a one-process tunnel, under the 20,000 limit)
+  ZTUN_BENCH_TPUT_SECS=S   cap of a throughput run on a slow path (default 3 s): its bytes
+                           are cut to what the warm-up rate moves in S seconds
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class Knobs:
     conns_secs: float
     cconns_secs: float
     cconns_threads: int
+    idle_conns: int
+    tput_secs: float
     paths: tuple[str, ...]
 
     @classmethod
@@ -66,6 +72,8 @@ class Knobs:
             conns_secs=0.5 if quick else 1.5,
             cconns_secs=0.5 if quick else 1.0,
             cconns_threads=4,
+            idle_conns=_env_int("ZTUN_BENCH_IDLE", 1000 if quick else 9000),
+            tput_secs=float(os.environ.get("ZTUN_BENCH_TPUT_SECS", "") or 3.0),
             paths=tuple(names),
         )
 
@@ -86,15 +94,24 @@ def build_zload() -> str:
     return ZLOAD_BIN
 
 
-def zload_client(dial: tuple[str, int], *args: object, timeout: float = 120.0) -> dict[str, float]:
+# Connection-rate runs: a connection that gets no answer in this many seconds counts as an
+# error (zload's default is 30 s: one stalled connection would eat the whole run).
+CONN_IO_TIMEOUT = 5
+
+
+def zload_client(
+    dial: tuple[str, int], *args: object, timeout: float = 120.0, io_timeout: int | None = None
+) -> dict[str, float]:
     """Run one zload client measurement against ``dial``; its JSON result."""
     host = f"[{dial[0]}]" if ":" in dial[0] else dial[0]
+    env = None if io_timeout is None else {**os.environ, "ZLOAD_TIMEOUT": str(io_timeout)}
     out = subprocess.run(
         [ZLOAD_BIN, "client", f"{host}:{dial[1]}", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
         check=False,
+        env=env,
     )
     lines = out.stdout.strip().splitlines()
     res = json.loads(lines[-1]) if lines else {"error": out.stderr.strip() or "no output"}
@@ -116,10 +133,66 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / _CLK
 
 
+def hold_connections(dial: tuple[str, int], n: int) -> tuple[subprocess.Popen[str], dict]:
+    """``zload client hold n``: n open, idle connections through ``dial`` (each carried one
+    byte each way), until :func:`release` closes them. Returns the process and its report."""
+    host = f"[{dial[0]}]" if ":" in dial[0] else dial[0]
+    p = subprocess.Popen(
+        [ZLOAD_BIN, "client", f"{host}:{dial[1]}", "hold", str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "ZLOAD_TIMEOUT": str(CONN_IO_TIMEOUT)},
+    )
+    import selectors
+
+    assert p.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        ready = sel.select(60 + n / 100)
+    line = p.stdout.readline() if ready else ""
+    if not line:
+        release(p)
+        raise RuntimeError(f"zload hold {n} via {dial}: no report")
+    return p, json.loads(line)
+
+
+def release(p: subprocess.Popen[str]) -> None:
+    if p.stdin is not None:
+        p.stdin.close()
+    try:
+        p.wait(30)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
+    if p.stdout is not None:
+        p.stdout.close()
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Resident memory of ``pids``, summed."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/statm") as f:
+            total += int(f.read().split()[1]) * _PAGE
+    return total
+
+
 @dataclass
 class ActivePath:
     name: str
     handle: PathHandle
+    warm_gbps: float = 0.0  # single-stream rate seen at warm-up
+
+    def tput_bytes(self, knobs: Knobs) -> int:
+        """The run's size, cut for a slow path so one run takes about knobs.tput_secs."""
+        if not self.warm_gbps:
+            return knobs.tput_bytes
+        cap = int(self.warm_gbps * 1e9 / 8 * knobs.tput_secs)
+        return max(16 << 20, min(knobs.tput_bytes, cap))
 
     @property
     def dial(self) -> tuple[str, int]:
@@ -154,7 +227,7 @@ class Registry:
                 self.ctx.on_teardown(h.teardown)
             ap = ActivePath(name, h)
             # warm-up: caches, TLS sessions, pooled connections, JIT (node)
-            zload_client(ap.dial, "tput", 64 << 20)
+            ap.warm_gbps = zload_client(ap.dial, "tput", 64 << 20)["gbps"]
             zload_client(ap.dial, "pp", 500, 64, 50)
             zload_client(ap.dial, "conns", 0.2, 200)
         except Exception as e:
@@ -203,8 +276,13 @@ def path(request: pytest.FixtureRequest, bench_paths: Registry) -> ActivePath:
     return bench_paths.get(request.param)
 
 
-def interleaved(names: tuple[str, ...], rounds: int) -> list[tuple[int, str]]:
-    """(round, path) pairs: each round runs every path once, in an order rotated per round."""
+def interleaved(
+    names: tuple[str, ...], rounds: int, metric: str | None = None
+) -> list[tuple[int, str]]:
+    """(round, path) pairs: each round runs every path once, in an order rotated per round.
+    With ``metric``, only the paths that take part in it (PathSpec.runs)."""
+    if metric is not None:
+        names = tuple(n for n in names if n not in PATHS or PATHS[n].runs(metric))
     out = []
     for r in range(rounds):
         k = r % len(names)

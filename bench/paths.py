@@ -12,6 +12,7 @@ the report. To add a ztun path, write one more factory here (see ``ztun_forward`
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -33,8 +34,11 @@ Addr = tuple[str, int]
 @dataclass
 class PathHandle:
     dial: Addr
-    pids: list[int] = field(default_factory=list)  # processes whose CPU counts as the tunnel's
+    # processes whose CPU and memory count as the tunnel's; pairs: [client side, server side]
+    pids: list[int] = field(default_factory=list)
     teardown: Callable[[], None] | None = None
+    # ztun paths: the engines' counters, one dict per process (handshakes, resumptions)
+    stats: Callable[[], list[dict[str, object]]] | None = None
 
 
 @dataclass
@@ -43,16 +47,30 @@ class PathSpec:
     factory: Callable[[Addr, PathContext], PathHandle]
     description: str
     requires: Callable[[], str | None] | None = None
+    # None: every metric; else only these (e.g. a variant that matters for handshakes only)
+    metrics: tuple[str, ...] | None = None
+    # a TLS handshake per client connection (the handshake-rate metric applies)
+    tls_per_conn: bool = False
 
     def missing(self) -> str | None:
         return self.requires() if self.requires else None
+
+    def runs(self, metric: str) -> bool:
+        if metric == "handshakes" and not self.tls_per_conn:
+            return False
+        return self.metrics is None or metric in self.metrics
 
 
 PATHS: dict[str, PathSpec] = {}
 
 
 def path(
-    name: str, *, description: str = "", requires: Callable[[], str | None] | None = None
+    name: str,
+    *,
+    description: str = "",
+    requires: Callable[[], str | None] | None = None,
+    metrics: tuple[str, ...] | None = None,
+    tls_per_conn: bool = False,
 ) -> Callable[
     [Callable[[Addr, PathContext], PathHandle]], Callable[[Addr, PathContext], PathHandle]
 ]:
@@ -63,7 +81,14 @@ def path(
     ) -> Callable[[Addr, PathContext], PathHandle]:
         if name in PATHS:
             raise ValueError(f"path {name!r} registered twice")
-        PATHS[name] = PathSpec(name, fn, description or (fn.__doc__ or "").strip(), requires)
+        PATHS[name] = PathSpec(
+            name,
+            fn,
+            description or (fn.__doc__ or "").strip(),
+            requires,
+            metrics,
+            tls_per_conn,
+        )
         return fn
 
     return deco
@@ -204,7 +229,11 @@ def asyncio_relay(dest: Addr, ctx: PathContext) -> PathHandle:
     return PathHandle(("127.0.0.1", int(line.split()[1])), [p.pid])
 
 
-@path("asyncio_tls", description="Python asyncio + ssl relay pair, mutual TLS 1.3")
+@path(
+    "asyncio_tls",
+    description="Python asyncio + ssl relay pair, mutual TLS 1.3",
+    tls_per_conn=True,
+)
 def asyncio_tls(dest: Addr, ctx: PathContext) -> PathHandle:
     c = ctx.certs
     relay = os.path.join(TOOLS, "pyrelay.py")
@@ -249,8 +278,9 @@ socket = r:TCP_NODELAY=1
 
 @path(
     "stunnel",
-    description="stunnel mutual TLS 1.3 pair (verify chain both ways)",
+    description="stunnel mutual TLS 1.3 pair (verify chain both ways; its session cache on)",
     requires=_stunnel_missing,
+    tls_per_conn=True,
 )
 def stunnel(dest: Addr, ctx: PathContext) -> PathHandle:
     exe = shutil.which("stunnel4") or shutil.which("stunnel") or "stunnel"
@@ -353,10 +383,38 @@ def node_h2(dest: Addr, ctx: PathContext) -> PathHandle:
 
 def _ztun_missing() -> str | None:
     try:
-        from ztun import Tunnel  # type: ignore[attr-defined]  # noqa: F401
+        from ztun import Tunnel  # noqa: F401
     except ImportError as e:
         return f"ztun.Tunnel is not importable yet ({e})"
     return None
+
+
+ZTUN_PATH = os.path.join(TOOLS, "ztun_path.py")
+
+
+def _ztun(ctx: PathContext, role: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start one ztun end (bench/tools/ztun_path.py); its process and port."""
+    p, line = ctx.spawn([ctx.python, ZTUN_PATH, role, *args], timeout=30)
+    return p, int(line.split()[1])
+
+
+def _stats_of(procs: list[subprocess.Popen[str]]) -> Callable[[], list[dict[str, object]]]:
+    """Ask each ztun_path.py process for its counters (a "stats" line on its stdin)."""
+
+    def read() -> list[dict[str, object]]:
+        out = []
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("stats\n")
+            p.stdin.flush()
+            out.append(json.loads(_readline(p, 10)))
+        return out
+
+    return read
+
+
+def _tls_args(leaf: Leaf, ca: str) -> list[str]:
+    return ["--cert", leaf.chain, "--key", leaf.key, "--ca", ca]
 
 
 @path(
@@ -365,7 +423,66 @@ def _ztun_missing() -> str | None:
     requires=_ztun_missing,
 )
 def ztun_forward(dest: Addr, ctx: PathContext) -> PathHandle:
-    p, line = ctx.spawn(
-        [ctx.python, os.path.join(TOOLS, "ztun_forward.py"), "--to", fmt(dest)], timeout=30
+    p, port = _ztun(ctx, "forward", "--to", fmt(dest))
+    return PathHandle(("127.0.0.1", port), [p.pid], stats=_stats_of([p]))
+
+
+def _ztun_mtls(dest: Addr, ctx: PathContext, *extra: str) -> PathHandle:
+    c = ctx.certs
+    srv, mid = _ztun(ctx, "mtls-server", "--to", fmt(dest), *_tls_args(c.server, c.ca), *extra)
+    cli, port = _ztun(
+        ctx,
+        "mtls-client",
+        "--to",
+        f"127.0.0.1:{mid}",
+        "--expect",
+        c.server.spiffe_id,
+        *_tls_args(c.client, c.ca),
+        *extra,
     )
-    return PathHandle(("127.0.0.1", int(line.split()[1])), [p.pid])
+    return PathHandle(("127.0.0.1", port), [cli.pid, srv.pid], stats=_stats_of([cli, srv]))
+
+
+@path(
+    "ztun_mtls",
+    description="ztun mutual TLS 1.3 pair: forward(expect=...) -> listen(), two processes, "
+    "session resumption on (the default)",
+    requires=_ztun_missing,
+    tls_per_conn=True,
+)
+def ztun_mtls(dest: Addr, ctx: PathContext) -> PathHandle:
+    return _ztun_mtls(dest, ctx)
+
+
+@path(
+    "ztun_mtls_full",
+    description="the ztun mTLS pair with resumption off: every connection a full handshake",
+    requires=_ztun_missing,
+    metrics=("connrate", "handshakes"),
+    tls_per_conn=True,
+)
+def ztun_mtls_full(dest: Addr, ctx: PathContext) -> PathHandle:
+    return _ztun_mtls(dest, ctx, "--no-resume")
+
+
+@path(
+    "ztun_hbone",
+    description="ztun HBONE pair: forward(expect=..., via=hop) -> HTTP/2 CONNECT over pooled "
+    "mTLS -> serve(deliver=False), two processes",
+    requires=_ztun_missing,
+)
+def ztun_hbone(dest: Addr, ctx: PathContext) -> PathHandle:
+    c = ctx.certs
+    srv, hb = _ztun(ctx, "hbone-in", "--workload", dest[0], *_tls_args(c.server, c.ca))
+    cli, port = _ztun(
+        ctx,
+        "hbone-out",
+        "--to",
+        f"127.0.0.1:{hb}",
+        "--target",
+        fmt(dest),
+        "--expect",
+        c.server.spiffe_id,
+        *_tls_args(c.client, c.ca),
+    )
+    return PathHandle(("127.0.0.1", port), [cli.pid, srv.pid], stats=_stats_of([cli, srv]))

@@ -28,6 +28,7 @@ __all__ = [
     "UnexpectedSpiffeIdError",
     "UnknownCaError",
     "ZtunError",
+    "invalid_argument",
 ]
 
 
@@ -64,6 +65,12 @@ class ConfigError(ZtunError, ValueError):
         if self.field:
             where += f"{self.field}: "
         return where + self.reason
+
+
+def invalid_argument(name: str, message: str) -> ConfigError:
+    """The error for a bad argument of ztun's API: a ConfigError (so also a ValueError)
+    whose message starts with the argument's name."""
+    return ConfigError(message, field=name)
 
 
 class PolicyError(ConfigError):

@@ -73,6 +73,7 @@ class ConnectionEvent:
     baggage: str | None = None  # HBONE: baggage received
     request_id: int = 0  # adopted connections (Tunnel.connect)
     fd: int | None = None  # "accept": the delivered socket
+    tls_reason: str | None = None  # why a TLS handshake was refused ("expired", ...)
 
     @property
     def direction(self) -> str:
@@ -135,6 +136,7 @@ def parse_event(
             baggage=raw.get("baggage"),
             request_id=raw.get("request_id", 0),
             fd=raw.get("fd") if kind == "accept" else None,
+            tls_reason=raw.get("tls_reason"),
         )
     if kind == "log":
         return EngineLog(level=raw["level"], message=raw["message"], worker=raw["worker"])
@@ -188,6 +190,8 @@ def access_log_line(ev: ConnectionEvent, policy_name: str | None = None) -> str:
         fields.append(f"status={ev.http_status}")
     if ev.trace:
         fields.append(f"trace={ev.trace}")
+    if ev.tls_reason:
+        fields.append(f"tls_reason={ev.tls_reason}")
     if not ev.ok:
         err = ev.reason + (f": {ev.detail}" if ev.detail else "")
         fields.append(f'error="{err}"')

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ztun._core import _engine
 from ztun.errors import ConnectError, ZtunError
+from ztun.errors import invalid_argument as _bad
 
 if TYPE_CHECKING:
     from ztun.events import ConnectionEvent
@@ -76,6 +77,9 @@ class Destination:
     ip: str
     spiffe_id: str | None = None
     via: Address | None = None
+    # On this node: with the eBPF accelerator the tunnel decides policy itself and the
+    # payload goes app to app in the kernel (the sockmap shortcut) instead of HBONE.
+    local: bool = False
 
 
 @dataclass
@@ -152,10 +156,10 @@ class MeshMixin:
 
         address = _check_address(address, "address", allow_port_zero=False)
         if isinstance(expect, str) or not expect:
-            raise ValueError("expect: a non-empty list of SPIFFE IDs the server may present")
+            raise _bad("expect", "a non-empty list of SPIFFE IDs the server may present")
         ids = tuple(sorted(self._check_spiffe(s, "expect") for s in expect))  # type: ignore[attr-defined]
         if not self._has_identity:  # type: ignore[attr-defined]
-            raise ValueError("identity: HBONE needs Tunnel(identity=..., trust=...)")
+            raise _bad("identity", "HBONE needs Tunnel(identity=..., trust=...)")
         via = (
             _check_address(via, "via", allow_port_zero=False)
             if via is not None
@@ -276,7 +280,7 @@ class MeshMixin:
             ip = _check_address((d.ip, 1), "destinations", allow_port_zero=False)[0]
             sid = self._check_spiffe(d.spiffe_id, "spiffe_id") if d.spiffe_id else None  # type: ignore[attr-defined]
             via = _check_address(d.via, "via", allow_port_zero=False) if d.via else None
-            rows.append((ip, sid, via))
+            rows.append((ip, sid, via, d.local))
         self._require_engine().set_directory(rows)  # type: ignore[attr-defined]
 
     def socks5(self, listen: Address = ("127.0.0.1", 15080)) -> Any:
@@ -286,7 +290,7 @@ class MeshMixin:
 
         listen = _check_address(listen, "listen", allow_port_zero=True)
         if not self._has_identity:  # type: ignore[attr-defined]
-            raise ValueError("identity: the SOCKS5 entry point needs Tunnel(identity=...)")
+            raise _bad("identity", "the SOCKS5 entry point needs Tunnel(identity=...)")
         engine = self._require_engine()  # type: ignore[attr-defined]
         lid, bound = engine.add_listener(_engine.MODE_SOCKS5, listen, None, tls=self._tls)
         handle = Forward(self, lid, bound, ("0.0.0.0", 0), ())  # type: ignore[arg-type]
@@ -316,13 +320,13 @@ class MeshMixin:
 
         listen = _check_address(listen, "listen", allow_port_zero=True)
         if not self._has_identity:  # type: ignore[attr-defined]
-            raise ValueError("identity: serve() terminates mTLS and needs Tunnel(identity=...)")
+            raise _bad("identity", "serve() terminates mTLS and needs Tunnel(identity=...)")
         if workloads is None:
             wildcard = listen[0] in ("0.0.0.0", "::")
             workloads = ["127.0.0.1", "::1"] if wildcard else [listen[0]]
         ips = [_check_address((w, 1), "workloads", allow_port_zero=False)[0] for w in workloads]
         if not ips:
-            raise ValueError("workloads: at least one workload address is required")
+            raise _bad("workloads", "at least one workload address is required")
         engine = self._require_engine()  # type: ignore[attr-defined]
         lid, bound = engine.add_listener(
             _engine.MODE_HBONE_IN,

@@ -25,17 +25,20 @@ import contextlib
 import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import select
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ztun._core import _engine
-from ztun.errors import EngineError, IdentityError, ZtunError
+from ztun.errors import BpfError, EngineError, IdentityError, ZtunError
+from ztun.errors import invalid_argument as _bad
 from ztun.events import (
     ConnectionEvent,
     EngineLog,
@@ -101,6 +104,16 @@ class TunnelStats:
     policies: dict[str, PolicyCounters] = field(default_factory=dict)
     policy_defaults: PolicyCounters = field(default_factory=PolicyCounters)
     policy_generation: int = 0  # 0: no policy table
+    # refused TLS handshakes by reason ("expired", "unknown_ca", "unexpected_spiffe_id", ...)
+    tls_failures: dict[str, int] = field(default_factory=dict)
+    # HBONE: CONNECT responses by status (200, 400, 401, 503, "other"), HTTP/2 connections
+    hbone_status: dict[int | str, int] = field(default_factory=dict)
+    hbone_connections_opened: int = 0
+    hbone_connections_active: int = 0
+    hbone_protocol_errors: int = 0
+    # the eBPF shortcut: connections paired app to app, and the bytes the kernel moved
+    bpf_pairs: int = 0
+    bpf_direct_bytes: int = 0
 
     @property
     def failures(self) -> dict[str, int]:
@@ -111,28 +124,46 @@ class TunnelStats:
 
 def _check_address(value: object, name: str, *, allow_port_zero: bool) -> Address:
     if not isinstance(value, tuple) or len(value) != 2:
-        raise ValueError(f"{name}: expected a (host, port) tuple, got {value!r}")
+        raise _bad(name, f"expected a (host, port) tuple, got {value!r}")
     host, port = value
     if not isinstance(host, str):
-        raise ValueError(f"{name}: host must be a string IP address, got {host!r}")
+        raise _bad(name, f"host must be a string IP address, got {host!r}")
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        raise ValueError(f"{name}: host must be an IP address literal, got {host!r}") from None
+        raise _bad(name, f"host must be an IP address literal, got {host!r}") from None
     if isinstance(port, bool) or not isinstance(port, int):
-        raise ValueError(f"{name}: port must be an integer, got {port!r}")
+        raise _bad(name, f"port must be an integer, got {port!r}")
     low = 0 if allow_port_zero else 1
     if not low <= port <= 65535:
-        raise ValueError(f"{name}: port must be in {low}..65535, got {port}")
+        raise _bad(name, f"port must be in {low}..65535, got {port}")
     return (host, port)
 
 
-def _positive(value: float | None, name: str) -> int:
-    """Seconds -> milliseconds for the engine; None -> 0 (never)."""
+def _same_endpoint(bound: Address, to: Address) -> bool:
+    """Would connecting to ``to`` land on the listener bound at ``bound``?"""
+    if bound[1] != to[1]:
+        return False
+    if bound[0] == to[0]:
+        return True
+    wild = ipaddress.ip_address(bound[0]).is_unspecified
+    return wild and (ipaddress.ip_address(to[0]).is_loopback or to[0] == bound[0])
+
+
+# The engine counts milliseconds in 32 bits: about 49 days.
+_MAX_SECONDS = (2**32 - 1) / 1000
+
+
+def _seconds(value: float | None, name: str, *, none_means_never: bool) -> int:
+    """Seconds -> milliseconds for the engine (0: never)."""
     if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ValueError(f"{name}: expected a positive number of seconds, got {value!r}")
+        if none_means_never:
+            return 0
+        raise _bad(name, "expected a positive number of seconds, got None")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad(name, f"expected a positive number of seconds, got {value!r}")
+    if not math.isfinite(value) or value <= 0 or value > _MAX_SECONDS:
+        raise _bad(name, f"expected a positive number of seconds up to 49 days, got {value!r}")
     return max(1, round(value * 1000))
 
 
@@ -244,34 +275,37 @@ class Tunnel(MeshMixin):
         resumption: bool = True,
         chacha20: bool = False,
         access_log: bool = True,
+        accelerate: bool | None = False,
         policies: PolicyInput | None = None,
         workload: Workload | None = None,
         workloads: Sequence[Workload] = (),
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 256:
-            raise ValueError(f"workers: expected 0 (one per CPU) to 256, got {workers!r}")
+            raise _bad("workers", f"expected 0 (one per CPU) to 256, got {workers!r}")
         self._source: IdentitySource | None = None
         self._spiffe_id: SpiffeId | None = None
         self._manager: IdentityManager | None = None
         if isinstance(identity, Svid):
             if trust is None:
-                raise ValueError("trust: an Svid identity needs a TrustBundle to verify peers")
+                raise _bad("trust", "an Svid identity needs a TrustBundle to verify peers")
             if spiffe_id is not None and SpiffeId.parse(spiffe_id) != identity.spiffe_id:
-                raise ValueError(f"spiffe_id: {spiffe_id} is not the Svid's {identity.spiffe_id}")
+                raise _bad("spiffe_id", f"{spiffe_id} is not the Svid's {identity.spiffe_id}")
         elif identity is not None:
             if not all(hasattr(identity, m) for m in ("fetch", "bundle", "poll")):
                 kind = type(identity).__name__
-                raise ValueError(f"identity: expected an Svid or an IdentitySource, got {kind}")
+                raise _bad("identity", f"expected an Svid or an IdentitySource, got {kind}")
             if spiffe_id is None:
-                raise ValueError("spiffe_id: required to fetch an identity from a source")
+                raise _bad("spiffe_id", "required to fetch an identity from a source")
             self._source = identity
             self._spiffe_id = SpiffeId.parse(spiffe_id)
             identity = None
         elif trust is not None:
-            raise ValueError("identity: a trust bundle was given without an identity")
-        self._connect_ms = _positive(connect_timeout, "connect_timeout")
-        self._handshake_ms = _positive(handshake_timeout, "handshake_timeout")
-        self._idle_ms = _positive(idle_timeout, "idle_timeout")
+            raise _bad("identity", "a trust bundle was given without an identity")
+        self._connect_ms = _seconds(connect_timeout, "connect_timeout", none_means_never=False)
+        self._handshake_ms = _seconds(
+            handshake_timeout, "handshake_timeout", none_means_never=False
+        )
+        self._idle_ms = _seconds(idle_timeout, "idle_timeout", none_means_never=True)
         self._workers = workers
         self._identity = identity
         self._trust = trust
@@ -279,8 +313,12 @@ class Tunnel(MeshMixin):
             _engine.TLS_CHACHA20 if chacha20 else 0
         )
         self._access_log = access_log
+        if accelerate not in (None, True, False):
+            raise _bad("accelerate", f"expected True, False or None (auto), got {accelerate!r}")
+        self._accelerate = accelerate
+        self._accelerator: Any = None
         if workload is not None and not isinstance(workload, Workload):
-            raise ValueError(f"workload: expected a ztun.policy.Workload, got {workload!r}")
+            raise _bad("workload", f"expected a ztun.policy.Workload, got {workload!r}")
         self._workload = workload
         self._served = _check_workloads(workloads)
         self._listener_workloads: dict[int, Workload] = {}
@@ -336,10 +374,42 @@ class Tunnel(MeshMixin):
             )
             if self._policy_blob is not None:
                 self._install(engine, self._policy_set, self._policy_blob)
+            self._attach_accelerator(engine)
             engine.start()
             self._engine = engine
+            self._update_event_mask()
             log.debug("tunnel started with %d workers", engine.workers)
         return self
+
+    def _attach_accelerator(self, engine: _engine.Engine) -> None:
+        """The eBPF sockmap shortcut (docs/sockmap.md): app<->ztun hops socket to socket,
+        and same-node pairs app to app in the kernel. Opt-in: sockets in a sockmap can
+        see a spurious EAGAIN on a blocking recv (a kernel quirk), which blocking
+        full-duplex apps may not expect."""
+        if self._accelerate is False:
+            return
+        from ztun import bpf
+
+        ok, why = bpf.available()
+        if not ok:
+            if self._accelerate:
+                raise BpfError(f"accelerate: eBPF acceleration is not available: {why}")
+            bpf.log_unavailable_once(log)
+            return
+        acc = bpf.SockmapAccelerator()
+        try:
+            handle, api = acc.engine_handle()
+            engine.set_bpf(handle, api)
+        except BaseException:
+            acc.close()
+            raise
+        self._accelerator = acc
+        log.info("eBPF acceleration on (cgroup %s)", acc.cgroup)
+
+    @property
+    def accelerated(self) -> bool:
+        """Whether the eBPF sockmap shortcut is active."""
+        return self._accelerator is not None
 
     def close(self, drain: float = 0.0) -> None:
         """Stop accepting, let connections finish for up to ``drain`` seconds, stop."""
@@ -357,6 +427,10 @@ class Tunnel(MeshMixin):
         self._drain_events()
         self._mesh_close()
         engine.close()
+        if self._accelerator is not None:
+            # Only now: the engine's workers no longer call into it.
+            self._accelerator.close()
+            self._accelerator = None
         with self._lock:
             self._engine = None
             self._endpoints.clear()
@@ -450,18 +524,18 @@ class Tunnel(MeshMixin):
         """Use a new certificate (and bundle) for new handshakes; live connections keep theirs."""
         tls = self._make_tls(identity, trust or self._trust)
         with self._lock:
-            self._identity = identity
             if trust is not None:
                 self._trust = trust
             self._tls = tls
             engine = self._engine
-            if engine is None:
-                return
-            # Every listener with a TLS context: forwards, listen(), serve(), SOCKS5
-            # and the virtual listeners behind connect().
-            for lid in engine.tls_listeners():
-                with contextlib.suppress(EngineError):
-                    engine.set_listener_tls(lid, tls)
+            if engine is not None:
+                # Every listener with a TLS context: forwards, listen(), serve(), SOCKS5
+                # and the virtual listeners behind connect().
+                for lid in engine.tls_listeners():
+                    with contextlib.suppress(EngineError):
+                        engine.set_listener_tls(lid, tls)
+            # Published last: `certificate` names what new handshakes use.
+            self._identity = identity
 
     # ---- listeners -------------------------------------------------------
 
@@ -496,34 +570,36 @@ class Tunnel(MeshMixin):
         if protocol is None:
             protocol = "hbone" if via is not None else "tls"
         if protocol not in ("tls", "hbone"):
-            raise ValueError(f"protocol: expected 'tls' or 'hbone', got {protocol!r}")
+            raise _bad("protocol", f"expected 'tls' or 'hbone', got {protocol!r}")
         listen = _check_address(listen, "listen", allow_port_zero=True)
         to = _check_address(to, "to", allow_port_zero=False)
         ids: tuple[str, ...] = ()
         if expect is not None:
             if isinstance(expect, str):
-                raise ValueError("expect: expected a list of SPIFFE IDs, got a single string")
+                raise _bad("expect", "expected a list of SPIFFE IDs, got a single string")
             ids = tuple(self._check_spiffe(s, "expect") for s in expect)
             if not ids:
-                raise ValueError("expect: at least one SPIFFE ID is required for mTLS")
+                raise _bad("expect", "at least one SPIFFE ID is required for mTLS")
             if not self._has_identity:
-                raise ValueError("expect: mutual TLS needs Tunnel(identity=..., trust=...)")
+                raise _bad("expect", "mutual TLS needs Tunnel(identity=..., trust=...)")
             if plaintext:
-                raise ValueError("plaintext: cannot be combined with expect")
+                raise _bad("plaintext", "cannot be combined with expect")
         elif self._has_identity and not plaintext:
-            raise ValueError(
-                "expect: this tunnel has an identity, so forwards use mTLS: pass the server's "
-                "SPIFFE IDs in expect=[...] (or plaintext=True for a plaintext forward)"
+            raise _bad(
+                "expect",
+                "this tunnel has an identity, so forwards use mTLS: pass the server's "
+                "SPIFFE IDs in expect=[...] (or plaintext=True for a plaintext forward)",
             )
         if ids and (policy or workload is not None):
-            raise ValueError(
-                "policy: an mTLS forward is authorized by the server it connects to; "
-                "policy=True is for plaintext forwards"
+            raise _bad(
+                "policy",
+                "an mTLS forward is authorized by the server it connects to; "
+                "policy=True is for plaintext forwards",
             )
         if workload is not None and not policy:
-            raise ValueError("workload: only meaningful with policy=True")
+            raise _bad("workload", "only meaningful with policy=True")
         if protocol == "hbone" and not ids:
-            raise ValueError("expect: HBONE needs the SPIFFE IDs the server may present")
+            raise _bad("expect", "HBONE needs the SPIFFE IDs the server may present")
         engine = self._require_engine()
         with self._lock:
             if ids and protocol == "hbone":
@@ -545,6 +621,9 @@ class Tunnel(MeshMixin):
                 lid, bound = engine.add_listener(
                     _engine.MODE_FORWARD, listen, to, flags=flags, workload_key=key
                 )
+            if _same_endpoint(bound, to):
+                engine.remove_listener(lid)
+                raise _bad("to", f"{to[0]}:{to[1]} is this forward's own address (a loop)")
             handle = Forward(self, lid, bound, to, ids)
             handle.policy = policy
             handle.workload = workload
@@ -567,7 +646,7 @@ class Tunnel(MeshMixin):
         listen = _check_address(listen, "listen", allow_port_zero=True)
         to = _check_address(to, "to", allow_port_zero=False)
         if not self._has_identity:
-            raise ValueError("identity: listen() terminates mTLS and needs Tunnel(identity=...)")
+            raise _bad("identity", "listen() terminates mTLS and needs Tunnel(identity=...)")
         engine = self._require_engine()
         with self._lock:
             key = self._prepare_workload(engine, workload)
@@ -600,9 +679,10 @@ class Tunnel(MeshMixin):
         policy in force (a tunnel without policies allows everything).
         """
         if not policy:
-            raise ValueError(
-                "policy: HBONE inbound connections are always authorized by the tunnel's "
-                "policy; use a Tunnel without policies to allow every authenticated peer"
+            raise _bad(
+                "policy",
+                "HBONE inbound connections are always authorized by the tunnel's "
+                "policy; use a Tunnel without policies to allow every authenticated peer",
             )
         if workloads is None:
             ips = [
@@ -630,11 +710,11 @@ class Tunnel(MeshMixin):
         if isinstance(value, SpiffeId):
             return str(value)
         if not isinstance(value, str):
-            raise ValueError(f"{name}: expected SPIFFE ID strings, got {value!r}")
+            raise _bad(name, f"expected SPIFFE ID strings, got {value!r}")
         try:
             return str(SpiffeId.parse(value))
         except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+            raise _bad(name, f"{e}") from None
 
     # ---- policy ------------------------------------------------------------
 
@@ -715,7 +795,7 @@ class Tunnel(MeshMixin):
             if w is None:
                 continue
             if w.key in out and out[w.key] != w:
-                raise ValueError(f"workload: two different definitions of {w.key}")
+                raise _bad("workload", f"two different definitions of {w.key}")
             out[w.key] = w
         return list(out.values())
 
@@ -730,10 +810,10 @@ class Tunnel(MeshMixin):
         if workload is None:
             return None
         if not isinstance(workload, Workload):
-            raise ValueError(f"workload: expected a ztun.policy.Workload, got {workload!r}")
+            raise _bad("workload", f"expected a ztun.policy.Workload, got {workload!r}")
         known = {w.key: w for w in self._all_workloads()}
         if known.get(workload.key) not in (None, workload):
-            raise ValueError(f"workload: two different definitions of {workload.key}")
+            raise _bad("workload", f"two different definitions of {workload.key}")
         if workload.key not in known and self._policy_set is not None:
             blob = self._compile(self._policy_set, self._all_workloads(workload))
             self._install(engine, self._policy_set, blob)
@@ -802,6 +882,13 @@ class Tunnel(MeshMixin):
             policies=per_policy,
             policy_defaults=defaults,
             policy_generation=gen,
+            tls_failures=dict(s["tls_failures"]),
+            hbone_status=dict(s["hbone_status"]),
+            hbone_connections_opened=s["hbone_connections_opened"],
+            hbone_connections_active=s["hbone_connections_active"],
+            hbone_protocol_errors=s["hbone_protocol_errors"],
+            bpf_pairs=s["bpf_pairs"],
+            bpf_direct_bytes=s["bpf_direct_bytes"],
         )
 
     @property
@@ -817,17 +904,44 @@ class Tunnel(MeshMixin):
         def unsubscribe() -> None:
             with self._lock, contextlib.suppress(ValueError):
                 self._subscribers.remove(callback)
+            self._update_event_mask()
 
         return unsubscribe
 
+    def _update_event_mask(self) -> None:
+        """Ask the engine only for the per-connection records somebody uses: with no
+        subscriber and the access log off (or its logger not enabled for INFO when the
+        last listener or subscriber was added), the engine writes none and Python
+        handles none."""
+        with self._lock:
+            engine = self._engine
+            mask = _engine.EVMASK_LOG
+            if self._subscribers:
+                mask |= _engine.EVMASK_OPEN | _engine.EVMASK_CLOSE
+            elif self._access_log and access_logger.isEnabledFor(logging.INFO):
+                mask |= _engine.EVMASK_CLOSE
+        if engine is not None:
+            with contextlib.suppress(EngineError):
+                engine.set_events(mask)
+
     def _ensure_pump(self) -> None:
         """Start delivering events: on the asyncio loop if we run in one, else a thread."""
+        # Every new listener and subscriber passes here: a good moment to notice that
+        # the access log was turned on (or off) since.
+        self._update_event_mask()
         with self._lock:
             if self._engine is None or self._pump is not None or self._pump_stop is not None:
                 return
             engine = self._engine
             if self._loop is not None:
-                self._loop.add_reader(engine.event_fd, self._on_events_readable)
+                ref = weakref.ref(self)
+
+                def readable() -> None:
+                    t = ref()
+                    if t is not None:
+                        t._on_events_readable()
+
+                self._loop.add_reader(engine.event_fd, readable)
                 self._pump_stop = -1
                 self._drain_events()
                 return
@@ -835,14 +949,17 @@ class Tunnel(MeshMixin):
 
             r, w = os.pipe()
             self._pump_stop = w
+            # The thread holds the Tunnel only weakly: an unclosed, forgotten Tunnel can
+            # still be collected (and warns, and stops its engine).
             self._pump = threading.Thread(
-                target=self._pump_main, args=(engine, r), name="ztun-events", daemon=True
+                target=_pump_main,
+                args=(weakref.ref(self), engine, r),
+                name="ztun-events",
+                daemon=True,
             )
             self._pump.start()
 
     def _stop_pump(self) -> None:
-        import os
-
         with self._lock:
             pump, stop = self._pump, self._pump_stop
             self._pump, self._pump_stop = None, None
@@ -852,27 +969,11 @@ class Tunnel(MeshMixin):
                 self._loop.remove_reader(engine.event_fd)
         elif stop is not None and stop >= 0:
             os.write(stop, b"x")
-            if pump is not None:
+            # close() may run on the pump thread itself (a subscriber, or the last
+            # reference dropped there): never join yourself.
+            if pump is not None and pump is not threading.current_thread():
                 pump.join()
             os.close(stop)
-
-    def _pump_main(self, engine: _engine.Engine, stop_fd: int) -> None:
-        import os
-
-        poller = select.poll()
-        poller.register(engine.event_fd, select.POLLIN)
-        poller.register(stop_fd, select.POLLIN)
-        try:
-            while True:
-                if engine.arm_events():
-                    self._drain_events()
-                    continue
-                ready = poller.poll()  # releases the GIL while it waits
-                if any(fd == stop_fd for fd, _ in ready):
-                    return
-                self._drain_events()
-        finally:
-            os.close(stop_fd)
 
     def _on_events_readable(self) -> None:
         self._drain_events()
@@ -929,17 +1030,47 @@ def _as_policy_set(value: object) -> PolicySet:
         and all(isinstance(v, os.PathLike | str) for v in value)
     ):
         return PolicySet.load(*value)
-    raise ValueError(
-        "policies: expected a PolicySet, YAML text, or YAML file/folder paths, "
-        f"got {type(value).__name__}"
+    raise _bad(
+        "policies",
+        f"expected a PolicySet, YAML text, or YAML file/folder paths, got {type(value).__name__}",
     )
 
 
 def _check_workloads(workloads: object) -> tuple[Workload, ...]:
     if isinstance(workloads, Workload) or not isinstance(workloads, Sequence | set | frozenset):
-        raise ValueError(f"workloads: expected a sequence of Workloads, got {workloads!r}")
+        raise _bad("workloads", f"expected a sequence of Workloads, got {workloads!r}")
     out = tuple(workloads)
     for w in out:
         if not isinstance(w, Workload):
-            raise ValueError(f"workloads: expected ztun.policy.Workload items, got {w!r}")
+            raise _bad("workloads", f"expected ztun.policy.Workload items, got {w!r}")
     return out
+
+
+def _pump_main(ref: weakref.ReferenceType[Tunnel], engine: _engine.Engine, stop_fd: int) -> None:
+    """The event thread: drain the engine's events whenever its fd becomes readable."""
+    poller = select.poll()
+    poller.register(engine.event_fd, select.POLLIN)
+    poller.register(stop_fd, select.POLLIN)
+    try:
+        while True:
+            t = ref()
+            if t is None:
+                return
+            if engine.arm_events():
+                t._drain_events()
+                del t
+                continue
+            del t  # never sleep holding the Tunnel
+            # A timeout, so a forgotten Tunnel's thread notices it is gone.
+            ready = poller.poll(1000)  # releases the GIL while it waits
+            if any(fd == stop_fd for fd, _ in ready):
+                return
+            t = ref()
+            if t is None:
+                return
+            t._drain_events()
+            del t
+    except EngineError:
+        return  # the engine was closed under us
+    finally:
+        os.close(stop_fd)

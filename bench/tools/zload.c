@@ -5,11 +5,15 @@
  *   zload client HOST:PORT pp COUNT [SIZE] [WARMUP]   SIZE-byte ping-pong (64 B)
  *   zload client HOST:PORT conns SECONDS [MAX]    sequential connect / 1-byte exchange / close
  *   zload client HOST:PORT cconns SECONDS THREADS the same from THREADS threads at once
+ *   zload client HOST:PORT hold COUNT             open COUNT connections, 1-byte exchange on
+ *                                                each, print a JSON line, keep them open
+ *                                                until stdin closes (idle memory benchmark)
  *
  * HOST may be IPv4 or IPv6 ("[::1]:9000"). Each client prints one JSON line. The first
  * byte a client sends names the test: 'T' + u64 length (server reads it all, answers the
  * u64 count), 'P' + u32 count + u32 size (echo), 'C' (server answers 'c' and closes first,
- * so TIME_WAIT lands on the server side, not on the client's ephemeral ports).
+ * so TIME_WAIT lands on the server side, not on the client's ephemeral ports), 'H' (server
+ * answers 'h' and parks the connection in one epoll thread until the client closes it).
  * Nothing here depends on half-close: TLS relays that cannot carry it still work.
  * Every client socket has a send/receive timeout, so a stuck path fails instead of hanging. */
 #define _GNU_SOURCE
@@ -24,6 +28,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <time.h>
@@ -144,22 +150,58 @@ static int connect_target(void)
 	return fd;
 }
 
+/* Idle-connection runs hold thousands of sockets: use the whole hard limit. */
+static void raise_nofile(void)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
 /* ------------------------------------------------------------------ server */
 static int lfd;
+static int holdfd = -1;	/* epoll of parked ('H') connections */
 
-static void serve(int fd, char *buf)
+/* Parked connections cost no thread: one epoll waits for their clients to close them. */
+static void *holder_thread(void *arg)
+{
+	struct epoll_event evs[256];
+	char b[512];
+	(void)arg;
+	for (;;) {
+		int n = epoll_wait(holdfd, evs, 256, -1);
+		for (int i = 0; i < n; i++) {
+			int fd = evs[i].data.fd;
+			ssize_t r = recv(fd, b, sizeof(b), MSG_DONTWAIT);
+			if (r == 0 || (r < 0 && errno != EAGAIN && errno != EINTR))
+				close(fd);
+		}
+	}
+	return NULL;
+}
+
+/* Returns 1 when the connection was parked (the caller must not close it). */
+static int serve(int fd, char *buf)
 {
 	unsigned char h[9];
 	nodelay(fd);
 	set_timeouts(fd, 120);	/* a vanished client frees its thread */
 	if (readn(fd, h, 1))
-		return;
+		return 0;
+	if (h[0] == 'H') {
+		struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP, .data.fd = fd };
+		if (writen(fd, "h", 1) || epoll_ctl(holdfd, EPOLL_CTL_ADD, fd, &ev))
+			return 0;
+		return 1;
+	}
 	if (h[0] == 'C') {
 		writen(fd, "c", 1);
 	} else if (h[0] == 'T') {
 		uint64_t left, got = 0;
 		if (readn(fd, h + 1, 8))
-			return;
+			return 0;
 		left = get64(h + 1);
 		while (left) {
 			ssize_t r = recv(fd, buf, left < BUFSZ ? left : BUFSZ, 0);
@@ -178,17 +220,18 @@ static void serve(int fd, char *buf)
 		unsigned char p[8];
 		uint32_t count, size;
 		if (readn(fd, p, 8))
-			return;
+			return 0;
 		count = ntohl(*(uint32_t *)p);
 		size = ntohl(*(uint32_t *)(p + 4));
 		if (size > BUFSZ)
-			return;
+			return 0;
 		for (uint32_t i = 0; i < count; i++)
 			if (readn(fd, buf, size) || writen(fd, buf, size))
 				break;
 		while (recv(fd, buf, BUFSZ, 0) > 0)
 			;
 	}
+	return 0;
 }
 
 static void *server_thread(void *arg)
@@ -207,8 +250,8 @@ static void *server_thread(void *arg)
 			perror("accept");
 			exit(1);
 		}
-		serve(fd, buf);
-		close(fd);
+		if (!serve(fd, buf))
+			close(fd);
 	}
 	return NULL;
 }
@@ -221,6 +264,15 @@ static int server(const char *addr, int nthreads)
 	char host[64];
 
 	parse_addr(addr, &ss, &len);
+	raise_nofile();
+	holdfd = epoll_create1(EPOLL_CLOEXEC);
+	if (holdfd < 0)
+		fail("epoll");
+	{
+		pthread_t t;
+		pthread_create(&t, NULL, holder_thread, NULL);
+		pthread_detach(t);
+	}
 	lfd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	if (lfd < 0 || bind(lfd, (struct sockaddr *)&ss, len) || listen(lfd, 4096))
@@ -417,6 +469,63 @@ static int conns(double secs, uint64_t max, int nthreads, const char *mode)
 	return ok ? 0 : 1;
 }
 
+/* Open COUNT connections ('H', expect 'h') from HOLD_THREADS threads, report, keep them
+ * open until stdin closes. */
+#define HOLD_THREADS 8
+struct hold_job {
+	int *fds;
+	uint32_t want, ok, errors;
+};
+
+static void *hold_loop(void *arg)
+{
+	struct hold_job *j = arg;
+	char c;
+	while (j->ok < j->want) {
+		int fd = connect_target();
+		if (fd < 0 || writen(fd, "H", 1) || readn(fd, &c, 1) || c != 'h') {
+			if (fd >= 0)
+				close(fd);
+			if (++j->errors > 100 && j->errors > j->ok)
+				break;
+			continue;
+		}
+		j->fds[j->ok++] = fd;
+	}
+	return NULL;
+}
+
+static int hold(uint32_t count)
+{
+	struct hold_job jobs[HOLD_THREADS];
+	pthread_t ts[HOLD_THREADS];
+	uint32_t ok = 0, errors = 0;
+	double t0 = now();
+	char line[64];
+
+	raise_nofile();
+	for (int i = 0; i < HOLD_THREADS; i++) {
+		jobs[i].want = count / HOLD_THREADS + (i < (int)(count % HOLD_THREADS));
+		jobs[i].fds = calloc(jobs[i].want + 1, sizeof(int));
+		jobs[i].ok = jobs[i].errors = 0;
+		pthread_create(&ts[i], NULL, hold_loop, &jobs[i]);
+	}
+	for (int i = 0; i < HOLD_THREADS; i++) {
+		pthread_join(ts[i], NULL);
+		ok += jobs[i].ok;
+		errors += jobs[i].errors;
+	}
+	printf("{\"mode\":\"hold\",\"conns\":%u,\"errors\":%u,\"secs\":%.4f}\n", ok, errors,
+	       now() - t0);
+	fflush(stdout);
+	while (fgets(line, sizeof(line), stdin))	/* until stdin closes */
+		;
+	for (int i = 0; i < HOLD_THREADS; i++)
+		for (uint32_t k = 0; k < jobs[i].ok; k++)
+			close(jobs[i].fds[k]);
+	return ok == count ? 0 : 1;
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
@@ -435,6 +544,8 @@ int main(int argc, char **argv)
 		if (!strcmp(argv[3], "conns"))
 			return conns(atof(argv[4]), argc > 5 ? strtoull(argv[5], 0, 0) : 1000000, 1,
 				     "conns");
+		if (!strcmp(argv[3], "hold"))
+			return hold(strtoul(argv[4], 0, 0));
 		if (!strcmp(argv[3], "cconns"))
 			return conns(atof(argv[4]), 1000000, argc > 5 ? atoi(argv[5]) : 4, "cconns");
 	}

@@ -32,6 +32,7 @@
 #define RELAY_ROUNDS 8
 
 static void zpipe_put(struct zworker *w, struct zpipe *p);
+static void pair_end(struct zworker *w, struct zflow *f);
 
 /* ---- state -------------------------------------------------------------- */
 
@@ -83,7 +84,7 @@ int zflow_emit(struct zworker *w, struct zflow *f, int type)
 	uint32_t len;
 	char *p;
 
-	if (!(w->e->cfg.events & mask))
+	if (!(atomic_load_explicit(&w->e->events, memory_order_relaxed) & mask))
 		return 0;
 	for (int i = 0; i < 5; i++) {
 		lens[i] = parts[i] ? strlen(parts[i]) : 0;
@@ -126,6 +127,7 @@ int zflow_emit(struct zworker *w, struct zflow *f, int type)
 	ev->local_id_len = (uint16_t)lens[2];
 	ev->trace_len = (uint16_t)lens[3];
 	ev->baggage_len = (uint16_t)lens[4];
+	ev->tls_reason = f->tls_reason;
 	p = (char *)(ev + 1);
 	for (int i = 0; i < 5; i++) {
 		if (lens[i])
@@ -167,6 +169,9 @@ void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, i
 	if (zlist_linked(&f->alink))
 		zlist_del(&f->alink);
 	zlist_del(&f->link);
+	/* Before the sockets close: nothing of the pair is redirected after this, and
+	 * the kernel's byte counts join ours for the access log. */
+	pair_end(w, f);
 
 	for (int s = 0; s < 2; s++) {
 		int how = s == 0 ? down_how : up_how;
@@ -303,6 +308,66 @@ void zpipe_pool_destroy(struct zworker *w)
 		zpipe_free(p);
 	}
 	w->npipes = 0;
+}
+
+/* ---- sockmap pairs ------------------------------------------------------- *
+ *
+ * When the accelerator is attached and both endpoints are plain TCP sockets to local
+ * apps, the pair is handed to the kernel: each app's sends go straight into the
+ * other app's socket (sk_msg), while we keep relaying whatever still comes our way
+ * (before the switch, and whenever the program falls back), carry FIN and RST, and
+ * count. The order argument is the BPF side's (docs/sockmap.md); our part of the
+ * protocol is the per-direction busy flag: up before every read, down once all we
+ * read has been written. */
+
+#define PAIR_TRIES 20 /* pair_add says EAGAIN until the peer's accept is complete */
+
+static void pair_busy(struct zworker *w, struct zflow *f, int d, int busy)
+{
+	if (!f->paired || f->busy[d] == busy)
+		return;
+	f->busy[d] = (uint8_t)busy;
+	w->e->bpf_api->relay_busy(w->e->bpf, f->pair_id, (unsigned)d, busy);
+}
+
+static void pair_try(struct zworker *w, struct zflow *f)
+{
+	const struct ztun_bpf_api *api = w->e->bpf_api;
+	int rc;
+
+	if (!f->pair_tries || f->paired)
+		return;
+	rc = api->pair_add(w->e->bpf, f->ep[0].fd, f->ep[1].fd, 0, &f->pair_id);
+	if (rc == -EAGAIN) {
+		f->pair_tries--;
+		return;
+	}
+	f->pair_tries = 0;
+	if (rc < 0)
+		return; /* not a local pair (or no room): the relay carries it */
+	f->paired = 1;
+	f->busy[0] = f->busy[1] = 1; /* a new pair starts busy both ways */
+	zstat_add(&w->stats.bpf_pairs, 1);
+	for (int d = 0; d < 2; d++) {
+		if (!f->buf[d] || zbuf_len(f->buf[d]) == 0)
+			pair_busy(w, f, d, 0);
+	}
+}
+
+static void pair_end(struct zworker *w, struct zflow *f)
+{
+	struct ztun_bpf_pair_stats st;
+
+	if (!f->paired)
+		return;
+	f->paired = 0;
+	if (w->e->bpf_api->pair_del(w->e->bpf, f->pair_id, &st) == 0) {
+		/* What went app to app never passed the relay: count it now. */
+		for (int d = 0; d < 2; d++) {
+			zflow_count_bytes(w, f, d, st.direct_bytes[d]);
+			zstat_add(&w->stats.bpf_direct_bytes, st.direct_bytes[d]);
+		}
+	}
 }
 
 /* ---- relay -------------------------------------------------------------- */
@@ -466,6 +531,7 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 		}
 		uint32_t space = zbuf_space(b);
 
+		pair_busy(w, f, d, 1); /* before the read: the kernel must not go direct now */
 		r = zep_read(in, b);
 		if (r > 0) {
 			b->tail += (uint32_t)r;
@@ -499,6 +565,8 @@ static int relay_dir(struct zworker *w, struct zflow *f, int d)
 		zpool_put(&w->pool, b);
 		f->buf[d] = NULL;
 	}
+	if (!f->buf[d])
+		pair_busy(w, f, d, 0); /* everything we read is written: direct may resume */
 	r = shutdown_if_done(w, f, d, !f->buf[d]);
 	return r < 0 ? -1 : (progress | r);
 }
@@ -588,6 +656,10 @@ void zflow_relay(struct zworker *w, struct zflow *f)
 
 	if (f->state != FS_RELAY)
 		return;
+	if (f->pair_tries && w->now >= f->pair_next) {
+		f->pair_next = w->now + 1000000; /* again in about a millisecond */
+		pair_try(w, f);
+	}
 	for (int round = 0; round < RELAY_ROUNDS; round++) {
 		int progress = 0;
 
@@ -619,13 +691,8 @@ void zflow_run_again(struct zworker *w)
 {
 	struct zlist batch;
 
-	if (zlist_empty(&w->again))
-		return;
-	/* Take the current list: flows re-queued while running go to the next round. */
-	batch = w->again;
-	batch.next->prev = &batch;
-	batch.prev->next = &batch;
-	zlist_init(&w->again);
+	/* Flows re-queued while these run wait for the next round. */
+	zlist_take(&batch, &w->again);
 	while (!zlist_empty(&batch)) {
 		struct zflow *f = zlist_entry(batch.next, struct zflow, alink);
 
@@ -638,6 +705,9 @@ void zflow_start_relay(struct zworker *w, struct zflow *f)
 {
 	clear_pending(f);
 	zflow_set_state(f, FS_RELAY);
+	if (w->e->bpf && f->marked && f->ep[0].kind == EP_TCP && f->ep[1].kind == EP_TCP &&
+	    f->ep[0].fd >= 0 && f->ep[1].fd >= 0)
+		f->pair_tries = PAIR_TRIES;
 	zsocks_reply(w, f, 1, ZTUN_CLOSE_OK);
 	if (f->request_id)
 		zflow_emit(w, f, ZTUN_EV_CONNECT_DONE);
@@ -698,12 +768,19 @@ static void drive_handshake(struct zworker *w, struct zflow *f, int side)
 	if (r == 0)
 		return;
 	if (r < 0) {
+		f->tls_reason = (uint8_t)ztls_count_failure(w, f->hs->code);
 		zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake with %s failed: %s",
 				 (unsigned long long)f->id, side == 0 ? "client" : "server",
 				 f->detail ? f->detail : "?");
-		/* Any alert is already sent; no RST after it on the TLS side. */
-		zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, side == 0 ? END_GRACEFUL : END_RESET,
-			    side == 1 ? END_GRACEFUL : END_RESET);
+		/* A failed handshake sent its alert: close the TLS side without an RST after
+		 * it. A peer refused after a completed handshake (a resumed session whose
+		 * identity no longer passes) cannot get an alert any more: reset it, so it
+		 * never mistakes the refusal for a clean end. */
+		if (r == -EACCES)
+			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
+		else
+			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, side == 0 ? END_GRACEFUL : END_RESET,
+				    side == 1 ? END_GRACEFUL : END_RESET);
 		return;
 	}
 	f->peer_id = id;
@@ -794,7 +871,7 @@ static int flow_eval(struct zflow *f, const struct zpolicy *p, uint16_t flags,
 	c.peer_id = f->peer_id;
 	c.peer_id_len = f->peer_id ? strlen(f->peer_id) : 0;
 	c.dst_workload = -1;
-	if (l->mode == ZTUN_MODE_HBONE_IN) {
+	if (l->mode == ZTUN_MODE_HBONE_IN || f->local_route) {
 		int r = ztun_policy_find_workload(p->table, c.dst_ip);
 
 		if (r >= 0)
@@ -925,6 +1002,7 @@ static void connected(struct zworker *w, struct zflow *f)
 {
 	if (f->l->mode == ZTUN_MODE_TLS_OUT) {
 		if (begin_tls(w, f, 1)) {
+			f->tls_reason = (uint8_t)ztls_count_failure(w, f->hs ? f->hs->code : 0);
 			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
 			return;
 		}
@@ -954,6 +1032,17 @@ void zflow_connect(struct zworker *w, struct zflow *f, const struct sockaddr_sto
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 	up->fd = fd;
 	up->kind = EP_TCP;
+	if (f->l->mode != ZTUN_MODE_TLS_OUT) {
+		/* A plaintext leg to an app: a crash of ztun resets it; with the accelerator
+		 * the mark lets its accepted socket join the sockhash (hop and pair). */
+		zep_linger_reset(up);
+		if (w->e->bpf) {
+			uint32_t mark = w->e->bpf_api->mark(w->e->bpf);
+
+			if (setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) == 0)
+				f->marked = 1;
+		}
+	}
 	if (zep_register(w, up) < 0) {
 		connect_failed(w, f, errno);
 		return;
@@ -1026,6 +1115,8 @@ void zflow_accept(struct zworker *w, struct zlistener *l, int fd, const struct s
 	}
 	memcpy(&f->src, src, srclen < sizeof(f->src) ? srclen : sizeof(f->src));
 	f->ep[0].fd = fd;
+	if (l->mode != ZTUN_MODE_TLS_IN)
+		zep_linger_reset(&f->ep[0]); /* a plaintext app socket: see zep_linger_reset */
 	flow_begin(w, f);
 }
 
@@ -1042,6 +1133,8 @@ void zflow_adopt(struct zworker *w, struct zlistener *l, int fd, const struct so
 	f->request_id = request_id;
 	if (target && target->ss_family)
 		f->target = *target;
+	/* The caller's socket may be blocking; the worker is edge-triggered. */
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 	getpeername(fd, (struct sockaddr *)&f->src, &sl); /* AF_UNIX for a socketpair */
 	f->ep[0].fd = fd;
 	flow_begin(w, f);
@@ -1060,6 +1153,7 @@ static void flow_begin(struct zworker *w, struct zflow *f)
 	switch (l->mode) {
 	case ZTUN_MODE_TLS_IN:
 		if (begin_tls(w, f, 0)) {
+			f->tls_reason = (uint8_t)ztls_count_failure(w, f->hs ? f->hs->code : 0);
 			zflow_close(w, f, ZTUN_CLOSE_TLS_ERROR, END_RESET, END_RESET);
 			return;
 		}
@@ -1198,6 +1292,7 @@ void zflow_tick(struct zworker *w)
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);
 		} else {
 			zflow_set_detail(f, "TLS handshake timed out");
+			f->tls_reason = (uint8_t)ztls_count_failure(w, ZTUN_TLSR_HANDSHAKE_TIMEOUT);
 			zworker_emit_log(w, ZTUN_LOG_WARNING, "conn %llu: TLS handshake timed out",
 					 (unsigned long long)f->id);
 			zflow_close(w, f, ZTUN_CLOSE_HANDSHAKE_TIMEOUT, END_RESET, END_RESET);

@@ -63,6 +63,7 @@ struct zep {
 	uint8_t notify_sent; /* TLS: close_notify queued */
 	uint8_t deferred;    /* STREAM: our data provider is waiting for bytes */
 	uint8_t rdhup;       /* the peer's FIN (or a hangup) was signalled */
+	uint8_t lingered;    /* SO_LINGER {1,0}: a crash of ztun resets the app, never a FIN */
 	int fd;
 	SSL *ssl;
 	struct zbuf *tx;     /* TLS: records OpenSSL wrote, not yet sent (see tx BIO) */
@@ -129,12 +130,22 @@ struct zflow {
 	struct ztls_expect *expect;   /* HBONE out: identities the server may present */
 	uint8_t socks;                /* SOCKS5: negotiation step; 0 when not SOCKS */
 	uint8_t staged;               /* HBONE: has DATA chunks staged in the read buffer */
+	uint8_t tls_reason;           /* enum ztun_tls_reason when a handshake was refused */
+	uint8_t local_route;          /* same-node: decided here, then paired (policy by dst) */
+	uint8_t marked;               /* our upstream connect carries the accelerator's mark */
+	uint8_t paired;               /* sockmap pair: payload flows app to app in the kernel */
+	uint8_t pair_tries;           /* pair_add said EAGAIN: tries left */
+	uint8_t busy[2];              /* last relay_busy value told per direction */
+	uint64_t pair_id;
+	uint64_t pair_next;           /* when to try pair_add again */
 };
 
 /* ---- sockio.c: endpoint I/O ---------------------------------------------- */
 int zep_register(struct zworker *w, struct zep *ep);
 void zep_close(struct zep *ep, int reset);
 int zsock_error(int fd);
+/* SO_LINGER {1,0} now, {0,0} again before a graceful close (zep_close). */
+void zep_linger_reset(struct zep *ep);
 void zep_detail(struct zep *ep, const char *s);
 int zep_tls_attach(struct zep *ep);
 int zep_flush(struct zep *ep);
@@ -148,6 +159,8 @@ int zep_tls_begin(struct zworker *w, struct zep *ep, ztun_tls_ctx *ctx, struct z
 /* Drive a handshake: 1 done (*peer_id set, malloc'd), 0 in progress, <0 failed
  * (the reason is in the endpoint's detail; an alert was sent when there is one). */
 int zep_handshake(struct zep *ep, struct ztls_hs *hs, char **peer_id);
+/* Count a refused handshake by reason; returns the reason actually counted. */
+int ztls_count_failure(struct zworker *w, int code);
 
 /* ---- conn.c: flows, for hbone.c ------------------------------------------ */
 enum { END_GRACEFUL = 0, END_RESET = 1 };

@@ -125,7 +125,7 @@ void zworker_emit_log(struct zworker *w, int level, const char *fmt, ...)
 	va_list ap;
 	int n;
 
-	if (!(w->e->cfg.events & ZTUN_EVMASK_LOG))
+	if (!(atomic_load_explicit(&w->e->events, memory_order_relaxed) & ZTUN_EVMASK_LOG))
 		return;
 	va_start(ap, fmt);
 	n = vsnprintf(msg, sizeof(msg), fmt, ap);
@@ -622,6 +622,7 @@ int ztun_engine_new(const struct ztun_engine_config *cfg, ztun_engine **out)
 	if (!e)
 		return ZTUN_ENOMEM;
 	e->cfg = *cfg;
+	atomic_store(&e->events, cfg->events);
 	if (!e->cfg.connect_timeout_ms)
 		e->cfg.connect_timeout_ms = 10000;
 	if (!e->cfg.handshake_timeout_ms)
@@ -874,6 +875,9 @@ int ztun_engine_add_listener(ztun_engine *e, const struct ztun_listener_spec *sp
 	else
 		l->local_len = 0;
 	l->id = atomic_fetch_add(&e->next_listener_id, 1);
+	/* Connections to our listeners: app<->ztun hops go socket to socket. */
+	if (e->bpf && fd >= 0)
+		e->bpf_api->add_listener(e->bpf, fd);
 
 	pthread_mutex_lock(&e->lock);
 	if (e->state == 2) {
@@ -938,6 +942,8 @@ int ztun_engine_remove_listener(ztun_engine *e, uint32_t id)
 	del.u.listener = l;
 	if (l->fd >= 0) {
 		broadcast(e, &del, 1);
+		if (e->bpf)
+			e->bpf_api->del_listener(e->bpf, l->fd);
 		/* Close the socket now (a listener with live connections keeps its config). */
 		shutdown(l->fd, SHUT_RDWR);
 	}
@@ -1079,6 +1085,32 @@ int ztun_engine_swap_policy(ztun_engine *e, ztun_policy *table, uint32_t *genera
 	return rc;
 }
 
+void ztun_engine_set_events(ztun_engine *e, uint32_t mask)
+{
+	atomic_store_explicit(&e->events, mask, memory_order_relaxed);
+}
+
+int ztun_engine_set_bpf(ztun_engine *e, void *handle, const void *api)
+{
+	const struct ztun_bpf_api *a = api;
+	int rc = 0;
+
+	if (handle && (!a || a->abi != ZTUN_BPF_API_ABI || a->size < sizeof(*a)))
+		return ZTUN_EINVAL; /* a loader built apart from this engine */
+	pthread_mutex_lock(&e->lock);
+	if (e->state != 0) {
+		rc = ZTUN_ESTATE;
+	} else {
+		e->bpf = handle;
+		e->bpf_api = handle ? a : NULL;
+		/* Sockets fed by sk_msg redirects cannot be read with splice(2). */
+		if (handle)
+			e->cfg.splice_pipe = 0;
+	}
+	pthread_mutex_unlock(&e->lock);
+	return rc;
+}
+
 int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n)
 {
 	struct zsnap s = {.out = out, .cap = cap};
@@ -1149,6 +1181,10 @@ int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out)
 		out->h2_closed += RD(s->h2_closed);
 		for (int r = 0; r < ZTUN_CLOSE__COUNT; r++)
 			out->h2_close_reason[r] += RD(s->h2_reason[r]);
+		for (int r = 0; r < ZTUN_TLSR__COUNT; r++)
+			out->tls_failures[r] += RD(s->tls_failures[r]);
+		out->bpf_pairs += RD(s->bpf_pairs);
+		out->bpf_direct_bytes += RD(s->bpf_direct_bytes);
 #undef RD
 	}
 	out->conns_active = out->conns_opened - out->conns_closed;

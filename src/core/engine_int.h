@@ -13,6 +13,7 @@
 #include "events.h"
 #include "list.h"
 #include "tls_int.h"
+#include "ztun/bpf.h"
 #include "ztun/engine.h"
 
 
@@ -67,6 +68,7 @@ struct zdirent {
 	uint8_t ip[16];
 	struct ztls_expect *expect; /* NULL: passthrough */
 	struct sockaddr_storage via;
+	uint32_t flags;             /* ZTUN_DIR_* */
 };
 struct zdir {
 	_Atomic int refs;
@@ -91,6 +93,9 @@ struct zstats {
 	_Atomic uint64_t h2_opened;
 	_Atomic uint64_t h2_closed;
 	_Atomic uint64_t h2_reason[ZTUN_CLOSE__COUNT];
+	_Atomic uint64_t tls_failures[ZTUN_TLSR__COUNT];
+	_Atomic uint64_t bpf_pairs;
+	_Atomic uint64_t bpf_direct_bytes;
 };
 
 static inline void zstat_add(_Atomic uint64_t *c, uint64_t v)
@@ -200,6 +205,7 @@ struct zworker {
 
 struct ztun_engine {
 	struct ztun_engine_config cfg;
+	_Atomic uint32_t events; /* ZTUN_EVMASK_*: which events to emit, changeable live */
 	int nworkers;
 	struct zworker *workers;
 	int evfd;
@@ -215,6 +221,8 @@ struct ztun_engine {
 	struct zpolicy *policy;
 	pthread_mutex_t dir_lock;
 	struct zdir *dir;
+	ztun_bpf *bpf;                     /* the accelerator, or NULL */
+	const struct ztun_bpf_api *bpf_api;
 	int state;               /* 0 new, 1 running, 2 stopped */
 	pthread_mutex_t policy_lock; /* serializes policy swaps (and counter reads against them) */
 	uint32_t policy_gen;     /* the last generation handed out */

@@ -66,6 +66,7 @@ struct zh2req {
 	char *baggage;
 	uint32_t header_bytes;
 	uint8_t truncated; /* a header was longer than we keep */
+	uint8_t too_large; /* the whole list exceeded H2_MAX_HEADER_BYTES */
 };
 
 struct zh2 {
@@ -91,6 +92,11 @@ struct zh2 {
 	uint64_t deadline; /* connect/handshake */
 	uint8_t read_again;
 	int reason; /* why it closed (enum ztun_close_reason) */
+	uint32_t goaway_error; /* a GOAWAY with this error code was sent */
+	uint32_t invalid_logged;
+	int last_invalid; /* nghttp2's error for the last invalid frame received */
+	uint8_t last_type; /* type of the last frame received */
+	uint32_t rst_received;
 };
 
 static void h2_fail(struct zh2 *h, int reason, const char *why);
@@ -437,8 +443,8 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
 			return 0; /* trailers */
 		r->header_bytes += (uint32_t)(namelen + valuelen + 32);
 		if (r->header_bytes > H2_MAX_HEADER_BYTES) {
-			zflow_set_detail(f, "request headers too large");
-			return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE; /* RST_STREAM */
+			r->too_large = 1; /* keep nothing more; answered 431 when the list ends */
+			return 0;
 		}
 		if (HDR_IS(":method"))
 			keep(r->method, sizeof(r->method), value, valuelen, r);
@@ -479,7 +485,7 @@ static void respond(struct zh2 *h, struct zflow *f, int status, int with_body)
 static void refuse(struct zh2 *h, struct zflow *f, int status, int reason, const char *why)
 {
 	zflow_set_detail(f, why);
-	respond(h, f, status, 0);
+	respond(h, f, status, 0); /* on_frame_send releases the stream once it is out */
 	zworker_emit_log(h->w, ZTUN_LOG_INFO, "conn %llu: HBONE request from %s refused with %d: %s",
 			 (unsigned long long)f->id, h->peer_id ? h->peer_id : "?", status, why);
 	zflow_close(h->w, f, reason, END_GRACEFUL, END_RESET);
@@ -497,6 +503,11 @@ static void handle_request(struct zh2 *h, struct zflow *f, int end_stream)
 		f->trace = strdup(r->traceparent);
 	f->baggage = r->baggage;
 	r->baggage = NULL;
+	if (r->too_large) {
+		zstat_add(&h->w->stats.hbone_protocol_errors, 1);
+		refuse(h, f, 431, ZTUN_CLOSE_PROTOCOL, "request headers too large (over 16 KiB)");
+		goto out;
+	}
 	if (strcmp(r->method, "CONNECT") != 0) {
 		refuse(h, f, 400, ZTUN_CLOSE_PROTOCOL, "not a CONNECT request");
 		goto out;
@@ -763,13 +774,75 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t error_code,
 	return 0;
 }
 
+/* nghttp2 ends a connection on its own (a protocol violation, a flood) by sending
+ * GOAWAY with an error code: count it and say why, like every other refusal. */
+static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *user)
+{
+	struct zh2 *h = user;
+
+	if (frame->hd.type == NGHTTP2_HEADERS && h->server && (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) &&
+	    !nghttp2_session_get_stream_remote_close(s, frame->hd.stream_id)) {
+		/* A refusal (400, 401, 503, ...) is complete. RFC 9113 8.1: the server may
+		 * now ask the client to stop sending with RST_STREAM(NO_ERROR), so the
+		 * stream stops holding one of the 200 slots while the client dawdles. */
+		nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_NO_ERROR);
+		return 0;
+	}
+	if (frame->hd.type != NGHTTP2_GOAWAY || frame->goaway.error_code == NGHTTP2_NO_ERROR)
+		return 0;
+	zstat_add(&h->w->stats.hbone_protocol_errors, 1);
+	h->goaway_error = frame->goaway.error_code;
+	if (!h->detail) {
+		char msg[240], name[48];
+		const char *code = nghttp2_http2_strerror(frame->goaway.error_code);
+		int n = (int)frame->goaway.opaque_data_len, k = 0;
+
+		/* "FLOW_CONTROL_ERROR" -> "flow control error", for people reading logs. */
+		for (; code[k] && k < (int)sizeof(name) - 1; k++)
+			name[k] = code[k] == '_' ? ' ' : (char)(code[k] | 0x20);
+		name[k] = 0;
+		static const char *const types[] = {"DATA",	    "HEADERS", "PRIORITY",
+						    "RST_STREAM",   "SETTINGS", "PUSH_PROMISE",
+						    "PING",	    "GOAWAY",  "WINDOW_UPDATE",
+						    "CONTINUATION"};
+		const char *last = h->last_type < 10 ? types[h->last_type] : "unknown";
+		char extra[96] = "";
+
+		if (frame->goaway.error_code == NGHTTP2_INTERNAL_ERROR && h->rst_received >= 100)
+			snprintf(extra, sizeof(extra), "; the peer reset %u streams (rapid reset limit)",
+				 h->rst_received);
+		snprintf(msg, sizeof(msg), "sent GOAWAY %s (%s) after a %s frame%s%.*s%s%s%s", code, name,
+			 last, n ? ": " : "", n > 120 ? 120 : n,
+			 frame->goaway.opaque_data ? (const char *)frame->goaway.opaque_data : "",
+			 h->last_invalid ? "; last invalid frame: " : "",
+			 h->last_invalid ? nghttp2_strerror(h->last_invalid) : "", extra);
+		h->detail = strdup(msg);
+	}
+	return 0;
+}
+
+/* Remember what the peer sent last, for the GOAWAY explanation. */
+static int on_begin_frame(nghttp2_session *s, const nghttp2_frame_hd *hd, void *user)
+{
+	struct zh2 *h = user;
+
+	h->last_type = hd->type;
+	if (hd->type == NGHTTP2_RST_STREAM)
+		h->rst_received++;
+	return 0;
+}
+
 static int on_invalid_frame(nghttp2_session *s, const nghttp2_frame *frame, int lib_error, void *user)
 {
 	struct zh2 *h = user;
 
 	zstat_add(&h->w->stats.hbone_protocol_errors, 1);
-	zworker_emit_log(h->w, ZTUN_LOG_INFO, "HBONE connection from %s: invalid frame: %s",
-			 h->peer_id ? h->peer_id : "?", nghttp2_strerror(lib_error));
+	h->last_invalid = lib_error;
+	/* A flood must not become a log flood: the first few per connection. */
+	if (h->invalid_logged++ < 3)
+		zworker_emit_log(h->w, ZTUN_LOG_INFO, "HBONE connection from %s: invalid frame: %s%s",
+				 h->peer_id ? h->peer_id : "?", nghttp2_strerror(lib_error),
+				 h->invalid_logged == 3 ? " (further ones not logged)" : "");
 	return 0;
 }
 
@@ -797,6 +870,8 @@ static int h2_session_new(struct zh2 *h)
 	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cb, on_data_chunk);
 	nghttp2_session_callbacks_set_on_stream_close_callback(cb, on_stream_close);
 	nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(cb, on_invalid_frame);
+	nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
+	nghttp2_session_callbacks_set_on_begin_frame_callback(cb, on_begin_frame);
 	if (nghttp2_option_new(&opt) != 0) {
 		nghttp2_session_callbacks_del(cb);
 		return -1;
@@ -944,7 +1019,7 @@ static void h2_send(struct zh2 *h)
 			break;
 	}
 	if (!nghttp2_session_want_read(h->s) && !nghttp2_session_want_write(h->s))
-		h2_fail(h, ZTUN_CLOSE_OK, "HTTP/2 session finished");
+		h2_fail(h, h->goaway_error ? ZTUN_CLOSE_PROTOCOL : ZTUN_CLOSE_OK, "HTTP/2 session finished");
 	else if (h->state == H2_GOAWAY && h->nstreams == 0 && !h->server)
 		h2_fail(h, ZTUN_CLOSE_OK, "drained after GOAWAY");
 }
@@ -1003,6 +1078,7 @@ static void h2_activate(struct zh2 *h)
 	SSL_get0_alpn_selected(h->ep.ssl, &alpn, &alpn_len);
 	if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) {
 		zstat_add(&h->w->stats.hbone_protocol_errors, 1);
+		ztls_count_failure(h->w, ZTUN_TLSR_NO_ALPN);
 		h2_fail(h, ZTUN_CLOSE_PROTOCOL, "peer did not negotiate ALPN h2");
 		return;
 	}
@@ -1042,6 +1118,7 @@ static void h2_handshake(struct zh2 *h)
 	if (r == 0)
 		return;
 	if (r < 0) {
+		ztls_count_failure(h->w, h->hs->code);
 		h2_fail(h, ZTUN_CLOSE_TLS_ERROR, NULL);
 		return;
 	}
@@ -1068,6 +1145,7 @@ void zh2_accept(struct zworker *w, struct zlistener *l, int fd, const struct soc
 	h->peer = *src;
 	h->ep.fd = fd;
 	if (zep_register(w, &h->ep) < 0 || h2_begin_tls(h) != 0) {
+		ztls_count_failure(w, h->hs ? h->hs->code : 0);
 		h2_fail(h, ZTUN_CLOSE_TLS_ERROR, h->detail ? NULL : "cannot start TLS");
 		return;
 	}
@@ -1327,6 +1405,7 @@ void zh2_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 			return;
 		}
 		if (h2_begin_tls(h) != 0) {
+			ztls_count_failure(w, h->hs ? h->hs->code : 0);
 			h2_fail(h, ZTUN_CLOSE_TLS_ERROR, NULL);
 			return;
 		}
@@ -1357,12 +1436,7 @@ void zh2_flush_dirty(struct zworker *w)
 {
 	struct zlist batch;
 
-	if (zlist_empty(&w->h2dirty))
-		return;
-	batch = w->h2dirty;
-	batch.next->prev = &batch;
-	batch.prev->next = &batch;
-	zlist_init(&w->h2dirty);
+	zlist_take(&batch, &w->h2dirty);
 	while (!zlist_empty(&batch)) {
 		struct zh2 *h = zlist_entry(batch.next, struct zh2, dlink);
 
@@ -1384,6 +1458,8 @@ void zh2_tick(struct zworker *w)
 
 		it = it->next;
 		if (h->state < H2_ACTIVE) {
+			if (w->now >= h->deadline && h->state == H2_HANDSHAKE)
+				ztls_count_failure(w, ZTUN_TLSR_HANDSHAKE_TIMEOUT);
 			if (w->now >= h->deadline)
 				h2_fail(h, h->state == H2_CONNECTING ? ZTUN_CLOSE_CONNECT_TIMEOUT
 								     : ZTUN_CLOSE_HANDSHAKE_TIMEOUT,

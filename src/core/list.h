@@ -34,6 +34,20 @@ static inline void zlist_move_tail(struct zlist *h, struct zlist *n)
 	zlist_add_tail(h, n);
 }
 
+/* Move every node of src to the (uninitialized) head dst; src becomes empty. For
+ * "work on what is queued now; what gets queued meanwhile waits for the next round". */
+static inline void zlist_take(struct zlist *dst, struct zlist *src)
+{
+	if (zlist_empty(src)) {
+		zlist_init(dst);
+		return;
+	}
+	*dst = *src;
+	dst->next->prev = dst;
+	dst->prev->next = dst;
+	zlist_init(src);
+}
+
 #define zlist_entry(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
 #endif

@@ -79,6 +79,7 @@ int ztun_engine_set_directory(ztun_engine *e, const struct ztun_dir_entry *entri
 
 		memcpy(z->ip, entries[i].ip, 16);
 		z->via = entries[i].via;
+		z->flags = entries[i].flags;
 		if (entries[i].identity) {
 			const char *id = entries[i].identity;
 
@@ -152,6 +153,25 @@ void zflow_route(struct zworker *w, struct zflow *f, const struct sockaddr_stora
 	if (!ent || !ent->expect) {
 		/* Not a mesh workload: a plain connection, as ztunnel's passthrough. */
 		zdir_put(d);
+		zflow_connect(w, f, dst);
+		return;
+	}
+	if ((ent->flags & ZTUN_DIR_LOCAL) && w->e->bpf && f->l->tls) {
+		/* Same node: both identities are known here (ours is the source's), so
+		 * policy is decided now; then a plain connection the kernel shortcuts. */
+		zdir_put(d);
+		f->local_route = 1;
+		if (!f->tls) {
+			pthread_mutex_lock(&f->l->tls_lock);
+			f->tls = ztun_tls_ctx_ref(f->l->tls);
+			pthread_mutex_unlock(&f->l->tls_lock);
+		}
+		if (!f->peer_id)
+			f->peer_id = strdup(ztun_tls_ctx_identity(f->tls));
+		if (!zflow_authorize(w, f)) {
+			zflow_close(w, f, ZTUN_CLOSE_POLICY_DENIED, END_RESET, END_RESET);
+			return;
+		}
 		zflow_connect(w, f, dst);
 		return;
 	}

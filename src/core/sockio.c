@@ -53,6 +53,23 @@ void zep_close(struct zep *ep, int reset)
 
 			setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 		}
+		if (!reset) {
+			/* Unread input turns close() into an RST that throws away what we
+			 * still had queued (an alert, a close_notify): read it away first. */
+			char sink[16384];
+
+			if (ep->lingered) {
+				/* Graceful now: undo the crash-time reset (linger 0 would
+				 * drop what is still queued). */
+				struct linger lg = {0, 0};
+
+				setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+			}
+
+			shutdown(ep->fd, SHUT_WR);
+			for (int i = 0; i < 16 && recv(ep->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
+				;
+		}
 		/* close() removes the fd from epoll only if no other process holds the
 		 * socket: after a fork() the child's copy would keep delivering events for
 		 * a freed connection. Remove it explicitly. */
@@ -61,6 +78,16 @@ void zep_close(struct zep *ep, int reset)
 		close(ep->fd);
 		ep->fd = -1;
 	}
+}
+
+void zep_linger_reset(struct zep *ep)
+{
+	struct linger lg = {.l_onoff = 1, .l_linger = 0};
+
+	/* If ztun dies (or is killed) the kernel then resets the app instead of sending
+	 * a FIN: a relayed stream must never look complete when it was cut short. */
+	if (setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) == 0)
+		ep->lingered = 1;
 }
 
 int zsock_error(int fd)
@@ -380,6 +407,14 @@ int zep_shutdown_write(struct zep *ep)
 
 /* ---- TLS handshakes ------------------------------------------------------ */
 
+int ztls_count_failure(struct zworker *w, int code)
+{
+	if (code <= 0 || code >= ZTUN_TLSR__COUNT)
+		code = ZTUN_TLSR_OTHER;
+	zstat_add(&w->stats.tls_failures[code], 1);
+	return code;
+}
+
 int zep_tls_begin(struct zworker *w, struct zep *ep, ztun_tls_ctx *ctx, struct ztls_hs *hs,
 		  const char *alpn)
 {
@@ -392,6 +427,7 @@ int zep_tls_begin(struct zworker *w, struct zep *ep, ztun_tls_ctx *ctx, struct z
 			 ctx->identity);
 		zep_detail(ep, msg);
 		zworker_emit_log(w, ZTUN_LOG_ERROR, "%s", msg);
+		hs->code = ZTUN_TLSR_OWN_CERT_EXPIRED;
 		return ZTUN_ETLS;
 	}
 	ep->ssl = ztls_new(ctx, ep->fd, hs, alpn);

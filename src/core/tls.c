@@ -49,7 +49,7 @@ static void set_err(char *err, size_t errlen, const char *what)
 /* ---- SPIFFE checks on a leaf certificate -------------------------------- */
 
 /* The single SPIFFE URI SAN of cert, or NULL with *why set. *n_out = number of URI SANs. */
-static int leaf_spiffe_id(X509 *cert, char *out, size_t outlen, const char **why)
+static int leaf_spiffe_id(X509 *cert, char *out, size_t outlen, const char **why, int *code)
 {
 	GENERAL_NAMES *names = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
 	int nuri = 0;
@@ -58,6 +58,7 @@ static int leaf_spiffe_id(X509 *cert, char *out, size_t outlen, const char **why
 
 	if (!names) {
 		*why = "certificate has no URI SAN";
+		*code = ZTUN_TLSR_NO_URI_SAN;
 		return -1;
 	}
 	for (int i = 0; i < sk_GENERAL_NAME_num(names); i++) {
@@ -79,41 +80,47 @@ static int leaf_spiffe_id(X509 *cert, char *out, size_t outlen, const char **why
 		out[len] = 0;
 		if (ztun_spiffe_parse(out, (size_t)len, &td, &td_len, &perr) != 0) {
 			if (strncmp(out, "spiffe://", 9) != 0)
-				perr = "URI SAN is not a SPIFFE ID";
+				perr = "non-SPIFFE URI SAN (not a spiffe:// ID)";
 		}
 	}
 	GENERAL_NAMES_free(names);
 	if (nuri == 0) {
 		*why = "certificate has no URI SAN";
+		*code = ZTUN_TLSR_NO_URI_SAN;
 		return -1;
 	}
 	if (nuri > 1) {
-		*why = "certificate has more than one URI SAN";
+		*why = "certificate has multiple URI SANs";
+		*code = ZTUN_TLSR_MULTIPLE_URI_SANS;
 		return -1;
 	}
 	if (perr) {
 		*why = perr;
+		*code = ZTUN_TLSR_NON_SPIFFE_URI;
 		return -1;
 	}
 	return 0;
 }
 
-static int leaf_usage_ok(X509 *cert, const char **why)
+static int leaf_usage_ok(X509 *cert, const char **why, int *code)
 {
 	uint32_t ku = X509_get_key_usage(cert);
 
+	*code = ZTUN_TLSR_BAD_KEY_USAGE;
 	if (X509_get_extension_flags(cert) & EXFLAG_CA) {
 		*why = "leaf certificate is a CA (basicConstraints CA:TRUE)";
+		*code = ZTUN_TLSR_LEAF_IS_CA;
 		return -1;
 	}
 	if (ku == UINT32_MAX || !(ku & KU_DIGITAL_SIGNATURE)) {
-		*why = "leaf certificate key usage lacks digitalSignature";
+		*why = "bad key usage: the leaf certificate lacks digitalSignature";
 		return -1;
 	}
 	if (ku & (KU_KEY_CERT_SIGN | KU_CRL_SIGN)) {
-		*why = "leaf certificate key usage allows certificate or CRL signing";
+		*why = "bad key usage: the leaf certificate may sign certificates or CRLs";
 		return -1;
 	}
+	*code = 0;
 	return 0;
 }
 
@@ -133,15 +140,17 @@ static int td_equal(const char *id, const char *td)
 	return strlen(td) == n && memcmp(t, td, n) == 0;
 }
 
-/* Identity rules that depend on the connection's role and expectations. */
+/* Identity rules that depend on the connection's role and expectations: 0 or the
+ * refusal's reason code (enum ztun_tls_reason). */
 static int identity_allowed(const struct ztls_hs *hs, const char *id, char *why, size_t whylen)
 {
 	const ztun_tls_ctx *ctx = hs->ctx;
 
 	if (hs->server) {
 		if (!(ctx->flags & ZTUN_TLS_ANY_TRUST_DOMAIN) && !td_equal(id, ctx->trust_domain)) {
-			snprintf(why, whylen, "client %s is not in trust domain %s", id, ctx->trust_domain);
-			return -1;
+			snprintf(why, whylen, "other trust domain: client %s is not in trust domain %s", id,
+				 ctx->trust_domain);
+			return ZTUN_TLSR_OTHER_TRUST_DOMAIN;
 		}
 		return 0;
 	}
@@ -153,26 +162,64 @@ static int identity_allowed(const struct ztls_hs *hs, const char *id, char *why,
 	}
 	snprintf(why, whylen, "unexpected SPIFFE ID %s (expected %s%s)", id, hs->expect->ids[0],
 		 hs->expect->n > 1 ? " or others" : "");
-	return -1;
+	return ZTUN_TLSR_UNEXPECTED_ID;
 }
 
-static const char *x509_reason(int err)
+static const char *x509_reason(int err, int *code)
 {
+	*code = ZTUN_TLSR_OTHER;
 	switch (err) {
-	case X509_V_ERR_CERT_HAS_EXPIRED: return "certificate expired";
-	case X509_V_ERR_CERT_NOT_YET_VALID: return "certificate not yet valid";
+	case X509_V_ERR_CERT_HAS_EXPIRED:
+		*code = ZTUN_TLSR_EXPIRED;
+		return "certificate expired";
+	case X509_V_ERR_CERT_NOT_YET_VALID:
+		*code = ZTUN_TLSR_NOT_YET_VALID;
+		return "certificate not yet valid";
 	case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT:
 	case X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT_LOCALLY:
 	case X509_V_ERR_SELF_SIGNED_CERT_IN_CHAIN:
 	case X509_V_ERR_DEPTH_ZERO_SELF_SIGNED_CERT:
 	case X509_V_ERR_UNABLE_TO_VERIFY_LEAF_SIGNATURE:
+		*code = ZTUN_TLSR_UNKNOWN_CA;
 		return "certificate signed by an unknown CA";
-	case X509_V_ERR_CERT_SIGNATURE_FAILURE: return "certificate signature invalid";
-	case X509_V_ERR_INVALID_PURPOSE: return "certificate key usage or extended key usage not allowed";
+	case X509_V_ERR_CERT_SIGNATURE_FAILURE:
+		*code = ZTUN_TLSR_UNKNOWN_CA;
+		return "certificate signature invalid";
+	case X509_V_ERR_INVALID_PURPOSE:
+		*code = ZTUN_TLSR_BAD_KEY_USAGE;
+		return "bad key usage: key usage or extended key usage not allowed";
 	case X509_V_ERR_INVALID_CA: return "an issuer in the chain is not a CA";
 	case X509_V_ERR_CERT_REVOKED: return "certificate revoked";
 	default: return NULL;
 	}
+}
+
+const char *ztun_tls_reason_name(int reason)
+{
+	static const char *const names[ZTUN_TLSR__COUNT] = {
+		[ZTUN_TLSR_NONE] = "none",
+		[ZTUN_TLSR_EXPIRED] = "expired",
+		[ZTUN_TLSR_NOT_YET_VALID] = "not_yet_valid",
+		[ZTUN_TLSR_UNKNOWN_CA] = "unknown_ca",
+		[ZTUN_TLSR_OTHER_TRUST_DOMAIN] = "other_trust_domain",
+		[ZTUN_TLSR_NO_URI_SAN] = "no_uri_san",
+		[ZTUN_TLSR_MULTIPLE_URI_SANS] = "multiple_uri_sans",
+		[ZTUN_TLSR_NON_SPIFFE_URI] = "non_spiffe_uri",
+		[ZTUN_TLSR_UNEXPECTED_ID] = "unexpected_spiffe_id",
+		[ZTUN_TLSR_LEAF_IS_CA] = "leaf_is_ca",
+		[ZTUN_TLSR_BAD_KEY_USAGE] = "bad_key_usage",
+		[ZTUN_TLSR_NO_PEER_CERT] = "no_peer_certificate",
+		[ZTUN_TLSR_PROTOCOL_VERSION] = "protocol_version",
+		[ZTUN_TLSR_NOT_TLS] = "not_tls",
+		[ZTUN_TLSR_PEER_REFUSED] = "peer_refused",
+		[ZTUN_TLSR_HANDSHAKE_TIMEOUT] = "handshake_timeout",
+		[ZTUN_TLSR_OWN_CERT_EXPIRED] = "own_certificate_expired",
+		[ZTUN_TLSR_NO_ALPN] = "no_alpn_h2",
+		[ZTUN_TLSR_OTHER] = "other",
+	};
+	if (reason < 0 || reason >= ZTUN_TLSR__COUNT)
+		return "other";
+	return names[reason];
 }
 
 static int verify_cb(int ok, X509_STORE_CTX *xs)
@@ -190,10 +237,11 @@ static int verify_cb(int ok, X509_STORE_CTX *xs)
 	if (!hs)
 		return ok;
 	if (!ok) {
-		int err = X509_STORE_CTX_get_error(xs);
-		const char *r = x509_reason(err);
+		int err = X509_STORE_CTX_get_error(xs), code;
+		const char *r = x509_reason(err, &code);
 
 		if (!hs->reason[0]) {
+			hs->code = code;
 			if (r)
 				snprintf(hs->reason, sizeof(hs->reason), "%s", r);
 			else
@@ -206,7 +254,8 @@ static int verify_cb(int ok, X509_STORE_CTX *xs)
 		return 1;
 
 	leaf = X509_STORE_CTX_get_current_cert(xs);
-	if (leaf_spiffe_id(leaf, id, sizeof(id), &why) || leaf_usage_ok(leaf, &why)) {
+	if (leaf_spiffe_id(leaf, id, sizeof(id), &why, &hs->code) ||
+	    leaf_usage_ok(leaf, &why, &hs->code)) {
 		snprintf(hs->reason, sizeof(hs->reason), "%s", why);
 		goto refuse;
 	}
@@ -225,11 +274,13 @@ static int verify_cb(int ok, X509_STORE_CTX *xs)
 	}
 	if (!matched) {
 		snprintf(hs->reason, sizeof(hs->reason),
-			 "certificate for %s does not chain to a root of trust domain %.*s", id, (int)td_len,
-			 td);
+			 "other trust domain: certificate for %s does not chain to a root of trust domain %.*s",
+			 id, (int)td_len, td);
+		hs->code = ZTUN_TLSR_OTHER_TRUST_DOMAIN;
 		goto refuse;
 	}
-	if (identity_allowed(hs, id, hs->reason, sizeof(hs->reason)))
+	hs->code = identity_allowed(hs, id, hs->reason, sizeof(hs->reason));
+	if (hs->code)
 		goto refuse;
 	return 1;
 refuse:
@@ -245,26 +296,58 @@ char *ztls_peer_identity(SSL *ssl, struct ztls_hs *hs)
 
 	if (!peer) {
 		snprintf(hs->reason, sizeof(hs->reason), "peer sent no certificate");
+		hs->code = ZTUN_TLSR_NO_PEER_CERT;
 		return NULL;
 	}
 	if (SSL_get_verify_result(ssl) != X509_V_OK) {
 		if (!hs->reason[0])
 			snprintf(hs->reason, sizeof(hs->reason), "peer certificate not verified");
+		if (!hs->code)
+			hs->code = ZTUN_TLSR_OTHER;
 		return NULL;
 	}
 	/* A resumed session carries the certificate verified when it was made: it must
 	 * still be within its validity now. */
 	if (X509_cmp_current_time(X509_get0_notAfter(peer)) <= 0) {
 		snprintf(hs->reason, sizeof(hs->reason), "certificate expired");
+		hs->code = ZTUN_TLSR_EXPIRED;
 		return NULL;
 	}
-	if (leaf_spiffe_id(peer, id, sizeof(id), &why) || leaf_usage_ok(peer, &why)) {
+	if (leaf_spiffe_id(peer, id, sizeof(id), &why, &hs->code) ||
+	    leaf_usage_ok(peer, &why, &hs->code)) {
 		snprintf(hs->reason, sizeof(hs->reason), "%s", why);
 		return NULL;
 	}
-	if (identity_allowed(hs, id, hs->reason, sizeof(hs->reason)))
+	hs->code = identity_allowed(hs, id, hs->reason, sizeof(hs->reason));
+	if (hs->code)
 		return NULL;
 	return strdup(id);
+}
+
+/* OpenSSL's own handshake failures, by their reason code. */
+static int ztls_reason_of(int lib_reason)
+{
+	switch (lib_reason) {
+	case SSL_R_UNSUPPORTED_PROTOCOL:
+	case SSL_R_TLSV1_ALERT_PROTOCOL_VERSION:
+	case SSL_R_NO_PROTOCOLS_AVAILABLE:
+		return ZTUN_TLSR_PROTOCOL_VERSION;
+	case SSL_R_WRONG_VERSION_NUMBER:
+	case SSL_R_HTTP_REQUEST:
+	case SSL_R_HTTPS_PROXY_REQUEST:
+	case SSL_R_PACKET_LENGTH_TOO_LONG:
+	case SSL_R_UNEXPECTED_MESSAGE:
+	case SSL_R_RECORD_LENGTH_MISMATCH:
+	case SSL_R_WRONG_SSL_VERSION:
+		return ZTUN_TLSR_NOT_TLS;
+	case SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE:
+		return ZTUN_TLSR_NO_PEER_CERT;
+	default:
+		/* An alert from the peer (reasons 1000 + alert): it refused us. */
+		if (lib_reason >= SSL_AD_REASON_OFFSET && lib_reason < SSL_AD_REASON_OFFSET + 256)
+			return ZTUN_TLSR_PEER_REFUSED;
+		return ZTUN_TLSR_OTHER;
+	}
 }
 
 void ztls_describe_error(SSL *ssl, int ret, struct ztls_hs *hs, char *buf, size_t len)
@@ -278,6 +361,10 @@ void ztls_describe_error(SSL *ssl, int ret, struct ztls_hs *hs, char *buf, size_
 	} else if (e == SSL_ERROR_SSL && code) {
 		const char *r = ERR_reason_error_string(code);
 		long v = SSL_get_verify_result(ssl);
+		int lib_reason = ERR_GET_REASON(code);
+
+		if (hs && !hs->code)
+			hs->code = ztls_reason_of(lib_reason);
 
 		if (ERR_GET_REASON(code) == SSL_R_CERTIFICATE_VERIFY_FAILED && v != X509_V_OK)
 			snprintf(buf, len, "certificate verify failed: %s", X509_verify_cert_error_string(v));
@@ -546,7 +633,9 @@ int ztun_tls_ctx_new(const struct ztun_tls_config *cfg, ztun_tls_ctx **out, char
 		goto fail;
 	}
 	EVP_PKEY_free(key);
-	if (leaf_spiffe_id(leaf, id, sizeof(id), &why) || leaf_usage_ok(leaf, &why)) {
+	int why_code = 0;
+
+	if (leaf_spiffe_id(leaf, id, sizeof(id), &why, &why_code) || leaf_usage_ok(leaf, &why, &why_code)) {
 		if (err)
 			snprintf(err, errlen, "own certificate: %s", why);
 		goto fail;

@@ -53,6 +53,7 @@ struct ztls_hs {
 	struct ztls_expect *expect;      /* client side, may be NULL: any identity of a trusted domain */
 	struct ztls_session_slot *slot;  /* client side, may be NULL: no resumption */
 	char reason[200];                /* why verification failed, for logs and counters */
+	int code;                        /* enum ztun_tls_reason */
 };
 
 /* Make an SSL for fd in the given role, with its handshake state attached. */

@@ -7,7 +7,7 @@ identity logic, and it releases the GIL around every call that can block.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
@@ -74,6 +74,10 @@ _EV_NAMES = {
     cztun.ZTUN_EV_CONNECT_DONE: "connect_done",
     cztun.ZTUN_EV_ACCEPT: "accept",
 }
+
+TLS_REASONS = tuple(
+    cztun.ztun_tls_reason_name(i).decode() for i in range(cztun.ZTUN_TLSR__COUNT)
+)
 
 CLOSE_REASONS = tuple(
     cztun.ztun_close_reason_name(i).decode() for i in range(cztun.ZTUN_CLOSE__COUNT)
@@ -228,6 +232,11 @@ cdef dict _stats_dict(const cztun.ztun_stats *s):
             503: s.hbone_status[3], "other": s.hbone_status[4],
         },
         "hbone_protocol_errors": s.hbone_protocol_errors,
+        "bpf_pairs": s.bpf_pairs,
+        "bpf_direct_bytes": s.bpf_direct_bytes,
+        "tls_failures": {
+            TLS_REASONS[i]: s.tls_failures[i] for i in range(1, cztun.ZTUN_TLSR__COUNT)
+        },
         "hbone_connections_opened": s.h2_opened,
         "hbone_connections_closed": s.h2_closed,
         "hbone_connections_active": s.h2_active,
@@ -277,6 +286,7 @@ cdef object _parse_event(const char *p):
             "dst": _from_sockaddr(&c.dst),
             "target": _from_sockaddr(&c.target),
             "request_id": c.request_id,
+            "tls_reason": TLS_REASONS[c.tls_reason] if c.tls_reason else None,
             "trace": trace or None,
             "baggage": baggage or None,
             "peer_id": peer or None,
@@ -492,7 +502,9 @@ cdef class Engine:
         try:
             memset(v, 0, (n if n else 1) * sizeof(cztun.ztun_dir_entry))
             for i in range(n):
-                ip, ident, via = rows[i]
+                ip, ident, via = rows[i][:3]
+                if len(rows[i]) > 3 and rows[i][3]:
+                    v[i].flags = cztun.ZTUN_DIR_LOCAL
                 addr = ipaddress.ip_address(ip)
                 packed = (ipaddress.IPv6Address(f"::ffff:{addr}").packed if addr.version == 4
                           else addr.packed)
@@ -508,6 +520,14 @@ cdef class Engine:
         finally:
             free(v)
         _check(rc, "directory")
+
+    def set_bpf(self, uintptr_t handle, uintptr_t api) -> None:
+        """Hand the eBPF accelerator (ztun.bpf) to the engine, before start(); the
+        accelerator must stay open until the engine is closed."""
+        cdef int rc
+        self._alive()
+        rc = cztun.ztun_engine_set_bpf(self._e, <void *>handle, <const void *>api)
+        _check(rc, "bpf")
 
     def tls_listeners(self) -> list:
         """Ids of the listeners that hold a TLS context (to swap on rotation)."""
@@ -615,6 +635,11 @@ cdef class Engine:
             out.append(_parse_event(buf + off))
             off += h.len
         return out
+
+    def set_events(self, uint32_t mask) -> None:
+        """Which events the engine emits from now on (EVMASK_* bits)."""
+        self._alive()
+        cztun.ztun_engine_set_events(self._e, mask)
 
     def arm_events(self) -> bool:
         """Arm the event fd; True if events are already pending (drain again)."""

@@ -35,6 +35,9 @@ cdef extern from "ztun/tls.h" nogil:
     ztun_tls_ctx *ztun_tls_ctx_ref(ztun_tls_ctx *ctx)
     void ztun_tls_ctx_free(ztun_tls_ctx *ctx)
     const char *ztun_tls_ctx_identity(const ztun_tls_ctx *ctx)
+    enum:
+        ZTUN_TLSR__COUNT
+    const char *ztun_tls_reason_name(int reason)
 
 
 cdef extern from "ztun/engine.h" nogil:
@@ -125,6 +128,9 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t h2_closed
         uint64_t h2_active
         uint64_t h2_close_reason[32]
+        uint64_t tls_failures[32]
+        uint64_t bpf_pairs
+        uint64_t bpf_direct_bytes
 
     struct ztun_event_hdr:
         uint32_t len
@@ -159,6 +165,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint16_t local_id_len
         uint16_t trace_len
         uint16_t baggage_len
+        uint16_t tls_reason
         int32_t fd
 
     struct ztun_event_log:
@@ -186,6 +193,10 @@ cdef extern from "ztun/engine.h" nogil:
         unsigned char ip[16]
         const char *identity
         sockaddr_storage via
+        uint32_t flags
+    enum:
+        ZTUN_DIR_LOCAL
+    int ztun_engine_set_bpf(ztun_engine *e, void *handle, const void *api)
     int ztun_engine_set_directory(ztun_engine *e, const ztun_dir_entry *entries, int n)
     const char *ztun_close_reason_name(int reason)
     int ztun_engine_stats(ztun_engine *e, ztun_stats *out)
@@ -198,6 +209,7 @@ cdef extern from "ztun/engine.h" nogil:
         uint64_t bytes_up_down
         uint64_t start_ns
     int ztun_engine_connections(ztun_engine *e, ztun_conn_info *out, size_t cap, size_t *n)
+    void ztun_engine_set_events(ztun_engine *e, uint32_t mask)
     int ztun_engine_event_fd(const ztun_engine *e)
     int ztun_engine_read_events(ztun_engine *e, void *buf, size_t len, size_t *used)
     int ztun_engine_arm_events(ztun_engine *e)

@@ -16,6 +16,7 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
+#include "ztun/tls.h"
 #include "ztun/ztun.h"
 
 typedef struct ztun_engine ztun_engine;
@@ -143,6 +144,12 @@ struct ztun_dir_entry {
 	uint8_t ip[16];              /* the workload's address (IPv4 as ::ffff:a.b.c.d) */
 	const char *identity;        /* its SPIFFE ID; NULL: not in the mesh (passthrough) */
 	struct sockaddr_storage via; /* its HBONE listener; family 0: the address itself, :15008 */
+	uint32_t flags;              /* ZTUN_DIR_* */
+};
+enum {
+	/* The workload lives on this node: with the eBPF accelerator, policy is decided
+	 * here and its payload goes app to app in the kernel instead of over HBONE. */
+	ZTUN_DIR_LOCAL = 1u << 0,
 };
 int ztun_engine_set_directory(ztun_engine *e, const struct ztun_dir_entry *entries, int n);
 
@@ -159,6 +166,13 @@ struct ztun_conn_info {
 /* Copy up to cap live connections into out; *n receives how many there are in all
  * (may exceed cap). Costs one round trip through every worker. */
 int ztun_engine_connections(ztun_engine *e, struct ztun_conn_info *out, size_t cap, size_t *n);
+
+/* The eBPF accelerator (ztun/bpf.py owns it): a `ztun_bpf *` handle and its function
+ * table (`const struct ztun_bpf_api *`, see ztun/bpf.h). Only before start(); the
+ * accelerator must outlive the engine. With it, the engine registers its listening
+ * sockets (app<->ztun hops go socket to socket), marks its plaintext connects, and
+ * pairs TCP<->TCP connections so same-node payload flows app to app in the kernel. */
+int ztun_engine_set_bpf(ztun_engine *e, void *handle, const void *api);
 
 /* Counters. Sums over all workers, read with relaxed atomics. */
 enum ztun_close_reason {
@@ -204,6 +218,9 @@ struct ztun_stats {
 	uint64_t h2_closed;
 	uint64_t h2_active;
 	uint64_t h2_close_reason[ZTUN_CLOSE__COUNT];
+	uint64_t tls_failures[ZTUN_TLSR__COUNT]; /* refused handshakes, by reason */
+	uint64_t bpf_pairs;         /* connections whose payload went app to app (sockmap) */
+	uint64_t bpf_direct_bytes;  /* bytes those carried in the kernel, bypassing the relay */
 };
 int ztun_engine_stats(ztun_engine *e, struct ztun_stats *out);
 
@@ -258,7 +275,7 @@ struct ztun_event_conn {
 	uint16_t local_id_len;       /* our own SPIFFE ID on this connection */
 	uint16_t trace_len;          /* HBONE: traceparent */
 	uint16_t baggage_len;        /* HBONE: baggage received */
-	uint16_t _pad;
+	uint16_t tls_reason;         /* enum ztun_tls_reason: why a handshake was refused */
 	int32_t fd;                  /* ACCEPT: the caller's end of the socketpair */
 	/* followed by peer_id, detail, local_id, trace and baggage bytes (no NULs) */
 };
@@ -275,6 +292,9 @@ struct ztun_event_log {
 	/* followed by msg bytes */
 };
 
+/* Which events to emit from now on (ZTUN_EVMASK_*): a caller that logs nothing per
+ * connection saves the records. Results (connect_done, accept) are always emitted. */
+void ztun_engine_set_events(ztun_engine *e, uint32_t mask);
 /* The fd to watch for readability; read it (8 bytes) then drain. */
 int ztun_engine_event_fd(const ztun_engine *e);
 /* Copy whole event records into buf (at most len bytes). *used gets the number of

@@ -24,6 +24,31 @@ enum {
 	ZTUN_TLS_ANY_TRUST_DOMAIN = 1u << 2,
 };
 
+/* Why a TLS handshake was refused: counted per reason (ztun_stats.tls_failures). */
+enum ztun_tls_reason {
+	ZTUN_TLSR_NONE = 0,
+	ZTUN_TLSR_EXPIRED,              /* the peer's certificate expired */
+	ZTUN_TLSR_NOT_YET_VALID,
+	ZTUN_TLSR_UNKNOWN_CA,           /* no path to a trusted root */
+	ZTUN_TLSR_OTHER_TRUST_DOMAIN,   /* a root or an identity of another trust domain */
+	ZTUN_TLSR_NO_URI_SAN,
+	ZTUN_TLSR_MULTIPLE_URI_SANS,
+	ZTUN_TLSR_NON_SPIFFE_URI,
+	ZTUN_TLSR_UNEXPECTED_ID,        /* a valid identity, but not one we expected */
+	ZTUN_TLSR_LEAF_IS_CA,
+	ZTUN_TLSR_BAD_KEY_USAGE,
+	ZTUN_TLSR_NO_PEER_CERT,         /* the client sent no certificate */
+	ZTUN_TLSR_PROTOCOL_VERSION,     /* not TLS 1.3 */
+	ZTUN_TLSR_NOT_TLS,              /* garbage, plaintext, HTTP */
+	ZTUN_TLSR_PEER_REFUSED,         /* the peer sent an alert: it refused us */
+	ZTUN_TLSR_HANDSHAKE_TIMEOUT,
+	ZTUN_TLSR_OWN_CERT_EXPIRED,     /* our own certificate expired without renewal */
+	ZTUN_TLSR_NO_ALPN,              /* HBONE: the peer did not negotiate h2 */
+	ZTUN_TLSR_OTHER,
+	ZTUN_TLSR__COUNT
+};
+const char *ztun_tls_reason_name(int reason);
+
 struct ztun_tls_config {
 	const char *chain_pem; /* leaf first, then intermediates */
 	size_t chain_len;

@@ -1,0 +1,1 @@
+"""HBONE tests (issue 5): interop, multiplexing, abuse, pooling, netns nodes."""
