@@ -175,7 +175,9 @@ class Mesh:
     def policy_dir(self, text: str = POLICIES, name: str = "policies") -> Path:
         d = self.root / name
         d.mkdir(exist_ok=True)
-        (d / "policies.yaml").write_text(text)
+        tmp = self.root / f".{name}.yaml.tmp"  # outside d: a daemon may be reading d now
+        tmp.write_text(text)
+        os.replace(tmp, d / "policies.yaml")
         return d
 
     def wait_log(

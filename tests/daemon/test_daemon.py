@@ -372,8 +372,9 @@ def test_sighup_policy_denies_new_and_closes_newly_denied_live(mesh: Mesh) -> No
     for s in (allowed, doomed):
         s.sendall(b"hi")
         assert s.recv(10) == b"hi"
+    policies = str(mesh.policy_dir())  # once: node-a may be reading it while node-b reloads
     for node in ("node-a", "node-b"):
-        mesh.write_config(node, mesh.config(node, policies=[str(mesh.policy_dir())]))
+        mesh.write_config(node, mesh.config(node, policies=[policies]))
         mesh.daemons[node].signal(signal.SIGHUP)
     for d in mesh.daemons.values():
         mesh.wait_log(d, lambda r: r.get("message", "").startswith("reloaded"))
