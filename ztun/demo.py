@@ -20,8 +20,10 @@ dials ``127.0.0.1:<port>`` in its own namespace). Then:
 2. client -> db   (same node, HBONE/mTLS)    allowed by demo/db-allow-client
 3. api -> db      (cross-node)               denied by demo/deny-api-to-db
 
-The terminal shows each connection live (identities, path, bytes, decision from the
-daemons' access logs), then the metrics scraped from both daemons' ``/metrics``.
+The terminal shows each connection live (path, bytes, the identities from the daemons'
+``/metrics`` labels while it is open, then identities and the deciding policy from their
+access logs), a verdict per connection, then the metrics scraped from both daemons'
+``/metrics``. Everything it shows is checked (:func:`_check`); the exit code says so.
 :class:`Cluster` (the namespaces) and :class:`Ztund` (a daemon as a subprocess) are
 also what the daemon tests use.
 """
