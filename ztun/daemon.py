@@ -1199,13 +1199,8 @@ def _inbound_addresses(cfg: Config, w: Workload) -> list[tuple[str, int]]:
 
 def _live_connections(t: Tunnel) -> list[tuple[Any, ...]]:
     """``(conn_id, listener_id, mode, relaying, bytes_down_up, bytes_up_down, start_ns)``
-    of the tunnel's live connections (``Engine.connections()``)."""
-    public = getattr(t, "connections", None)  # a Tunnel accessor, once there is one
-    if public is not None:
-        return list(public())
-    # Private until Tunnel has an accessor (notes/requests-daemon.md #3).
-    engine = t._engine
-    return [] if engine is None else list(engine.connections())
+    of the tunnel's live connections."""
+    return list(t.connections())
 
 
 def _directory(cfg: Config) -> list[Destination]:

@@ -34,7 +34,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
 
 from ztun._core import _engine
 from ztun.errors import BpfError, EngineError, IdentityError, ZtunError
@@ -56,7 +56,15 @@ if TYPE_CHECKING:
 
     from ztun.rotation import IdentityManager
 
-__all__ = ["Forward", "Listener", "PolicyCounters", "PolicyInput", "Tunnel", "TunnelStats"]
+__all__ = [
+    "Forward",
+    "Listener",
+    "LiveConnection",
+    "PolicyCounters",
+    "PolicyInput",
+    "Tunnel",
+    "TunnelStats",
+]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +128,18 @@ class TunnelStats:
         """Close reasons that are failures, with their counts (zero counts left out)."""
         benign = {"ok", "reset_by_downstream", "reset_by_upstream"}
         return {k: v for k, v in self.close_reasons.items() if v and k not in benign}
+
+
+class LiveConnection(NamedTuple):
+    """A connection in the engine now (``Tunnel.connections()``)."""
+
+    conn_id: int
+    listener_id: int
+    mode: int
+    relaying: bool  # False while it is still being set up (handshake, connect)
+    bytes_sent: int  # downstream -> upstream so far
+    bytes_received: int  # upstream -> downstream so far
+    start_ns: int  # CLOCK_REALTIME
 
 
 def _check_address(value: object, name: str, *, allow_port_zero: bool) -> Address:
@@ -890,6 +910,11 @@ class Tunnel(MeshMixin):
             bpf_pairs=s["bpf_pairs"],
             bpf_direct_bytes=s["bpf_direct_bytes"],
         )
+
+    def connections(self) -> list[LiveConnection]:
+        """The connections the engine carries right now, with their byte counts so far."""
+        rows = self._require_engine().connections()
+        return [LiveConnection(*row) for row in rows]
 
     @property
     def workers(self) -> int:

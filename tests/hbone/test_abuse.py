@@ -131,7 +131,6 @@ class Abuse:
     counted_bug: str | None = None  # why the close reason is not counted (xfail)
 
 
-
 ABUSES = [
     Abuse(
         "garbage_http1_before_preface",
@@ -317,8 +316,6 @@ def _send_huge_header_list(r: RawH2, target: str, how: str) -> None:
         for i, c in enumerate(chunks[1:], 1)
     ]
     r.send(b"".join(frames))
-
-
 
 
 @pytest.mark.parametrize("how", ["one_frame", "continuations"])

@@ -26,7 +26,6 @@ pytestmark = pytest.mark.timeout(60)
 CANCEL = 0x8
 
 
-
 def connect_in_thread(t: Tunnel, peer: H2ServerPeer, n: int) -> TunnelSocket:
     with ThreadPoolExecutor(1) as ex:
         fut = ex.submit(t.connect, ("127.0.0.1", 9000), expect=[PEER], via=peer.address)
