@@ -66,9 +66,14 @@ void zep_close(struct zep *ep, int reset)
 				setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
 			}
 
-			shutdown(ep->fd, SHUT_WR);
-			for (int i = 0; i < 16 && recv(ep->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
-				;
+			/* A relay that finished both ways already sent its FIN and read the
+			 * peer's: nothing to do (and no syscall spent) then. */
+			if (!ep->wr_shut)
+				shutdown(ep->fd, SHUT_WR);
+			if (!ep->rd_eof) {
+				for (int i = 0; i < 16 && recv(ep->fd, sink, sizeof(sink), MSG_DONTWAIT) > 0; i++)
+					;
+			}
 		}
 		/* close() removes the fd from epoll only if no other process holds the
 		 * socket: after a fork() the child's copy would keep delivering events for
