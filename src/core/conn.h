@@ -64,6 +64,7 @@ struct zep {
 	uint8_t deferred;    /* STREAM: our data provider is waiting for bytes */
 	uint8_t rdhup;       /* the peer's FIN (or a hangup) was signalled */
 	uint8_t lingered;    /* SO_LINGER {1,0}: a crash of ztun resets the app, never a FIN */
+	uint8_t rd_short;    /* TLS: the last socket read was short (drained) */
 	int fd;
 	SSL *ssl;
 	struct zbuf *tx;     /* TLS: records OpenSSL wrote, not yet sent (see tx BIO) */

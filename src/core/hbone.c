@@ -1045,6 +1045,12 @@ static void h2_read(struct zh2 *h)
 				break;
 			}
 			n += got;
+			if (h->ep.rd_short && !h->ep.rdhup && !SSL_has_pending(h->ep.ssl)) {
+				/* Drained, nothing buffered: spare the read that says EAGAIN. */
+				h->ep.rd_short = 0;
+				h->ep.rd_ready = 0;
+				break;
+			}
 		}
 		if (n) {
 			rv = nghttp2_session_mem_recv(h->s, (const uint8_t *)h->w->scratch, n);
@@ -1388,6 +1394,8 @@ void zh2_on_event(struct zworker *w, struct ztag *tag, uint32_t events)
 
 	if (h->state == H2_DEAD)
 		return;
+	if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+		h->ep.rdhup = 1;
 	if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
 		h->ep.rd_ready = 1;
 	if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))

@@ -169,29 +169,74 @@ static int tx_create(BIO *bio)
 	return 1;
 }
 
+/* Reads go straight to the socket, and remember whether the last one was short (the
+ * socket is drained): the relay then skips the read that would only say EAGAIN. */
+static BIO_METHOD *rx_method;
+
+static int rx_read(BIO *bio, char *buf, int len)
+{
+	struct zep *ep = BIO_get_data(bio);
+	ssize_t n;
+
+	BIO_clear_retry_flags(bio);
+	if (len <= 0)
+		return 0;
+	n = recv(ep->fd, buf, (size_t)len, 0);
+	if (n > 0) {
+		ep->rd_short = n < len;
+		return (int)n;
+	}
+	if (n == 0)
+		return 0;
+	if (errno == EAGAIN || errno == EINTR)
+		BIO_set_retry_read(bio);
+	return -1; /* errno stays for SSL_ERROR_SYSCALL */
+}
+
+static long rx_ctrl(BIO *bio, int cmd, long num, void *ptr)
+{
+	struct zep *ep = BIO_get_data(bio);
+
+	switch (cmd) {
+	case BIO_CTRL_FLUSH:
+		return 1;
+	case BIO_C_GET_FD:
+		if (ptr)
+			*(int *)ptr = ep->fd;
+		return ep->fd;
+	default:
+		return 0;
+	}
+}
+
 static void tx_method_init(void)
 {
 	tx_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "ztun tx");
 	BIO_meth_set_write(tx_method, tx_write);
 	BIO_meth_set_ctrl(tx_method, tx_ctrl);
 	BIO_meth_set_create(tx_method, tx_create);
+	rx_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "ztun rx");
+	BIO_meth_set_read(rx_method, rx_read);
+	BIO_meth_set_ctrl(rx_method, rx_ctrl);
+	BIO_meth_set_create(rx_method, tx_create);
 }
 
-/* Read from the socket, write through our tx BIO. */
+/* Read through our rx BIO, write through our tx BIO. */
 int zep_tls_attach(struct zep *ep)
 {
 	BIO *rb, *wb;
 
 	pthread_once(&tx_once, tx_method_init);
-	if (!tx_method)
+	if (!tx_method || !rx_method)
 		return ZTUN_ENOMEM;
-	rb = BIO_new_socket(ep->fd, BIO_NOCLOSE);
+	rb = BIO_new(rx_method);
 	wb = BIO_new(tx_method);
 	if (!rb || !wb) {
 		BIO_free(rb);
 		BIO_free(wb);
 		return ZTUN_ENOMEM;
 	}
+	BIO_set_data(rb, ep);
 	BIO_set_data(wb, ep);
 	SSL_set_bio(ep->ssl, rb, wb);
 	return 0;
@@ -316,6 +361,12 @@ int zep_read(struct zep *ep, struct zbuf *b)
 			total += got;
 			p += got;
 			left -= got;
+			if (ep->rd_short && !ep->rdhup && !SSL_has_pending(ep->ssl)) {
+				/* Drained, nothing buffered: the next read would be EAGAIN. */
+				ep->rd_short = 0;
+				ep->rd_ready = 0;
+				return (int)total;
+			}
 		}
 	}
 	return (int)total;
