@@ -1039,6 +1039,7 @@ static void h2_read(struct zh2 *h)
 			int r;
 
 			ERR_clear_error();
+			h->ep.rd_short = 0; /* only a read made by this call counts */
 			r = SSL_read_ex(h->ep.ssl, h->w->scratch + n, H2_READ_CHUNK - n, &got);
 			if (r <= 0) {
 				err = zep_tls_error(&h->ep, r, 0);

@@ -348,6 +348,7 @@ int zep_read(struct zep *ep, struct zbuf *b)
 			int r;
 
 			ERR_clear_error();
+			ep->rd_short = 0; /* only a read made by this call counts (plaintext can be left over) */
 			r = SSL_read_ex(ep->ssl, p, left, &got);
 			if (r <= 0) {
 				int err = zep_tls_error(ep, r, 0);
