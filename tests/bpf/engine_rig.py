@@ -25,7 +25,7 @@ import termios
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +125,7 @@ class Route:
     tunnels: list[Tunnel]
     connect: Callable[[], socket.socket]
     entry: Tunnel  # the tunnel the client connects to (its bytes_sent = client -> server)
-    extra: dict[str, Any] = field(default_factory=dict)
+    address: tuple[str, int]  # where clients connect (the forward, or the SOCKS5 proxy)
 
     def stats(self) -> list[Any]:
         return [t.stats() for t in self.tunnels]
@@ -162,7 +162,7 @@ def route(
             ).start()
             tunnels.append(t)
             addr = t.forward(("127.0.0.1", 0), server, policy=policy).address
-            yield Route(name, tunnels, lambda: socket.create_connection(addr, timeout=60), t)
+            yield Route(name, tunnels, lambda: socket.create_connection(addr, timeout=60), t, addr)
         elif name == "socks5":
             t = Tunnel(
                 identity=ca().issue_svid(CLIENT_ID),
@@ -175,7 +175,7 @@ def route(
             tunnels.append(t)
             proxy = t.socks5(("127.0.0.1", 0)).address
             t.set_directory([Destination(server[0], SERVER_ID, local=True)])
-            yield Route(name, tunnels, lambda: socks5_connect(proxy, server, timeout=60), t)
+            yield Route(name, tunnels, lambda: socks5_connect(proxy, server, timeout=60), t, proxy)
         elif name == "mtls":
             # The server's tunnel first: its accelerator is attached first (see the report
             # on two accelerated Tunnels in one cgroup sharing the default mark).
@@ -195,7 +195,7 @@ def route(
             tunnels.append(ta)
             lst = tb.listen(("127.0.0.1", 0), server)
             addr = ta.forward(("127.0.0.1", 0), lst.address, expect=[SERVER_ID]).address
-            yield Route(name, tunnels, lambda: socket.create_connection(addr, timeout=60), ta)
+            yield Route(name, tunnels, lambda: socket.create_connection(addr, timeout=60), ta, addr)
         else:
             raise ValueError(name)
     finally:
