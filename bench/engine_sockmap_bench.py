@@ -21,9 +21,13 @@ sockets. Each round runs every variant's throughput once, in rotated order, then
 ping-pongs in short interleaved bursts (the host's wake-up latency drifts within seconds);
 ratios are taken against a baseline of the same round (fwd_pair vs direct and vs fwd,
 remote_hop vs remote, mtls_hop vs mtls), then min / median / max over rounds.
-``--warm`` keeps both CPUs out of their idle states during the ping-pongs (two SCHED_IDLE
-spinners, preempted by anything else): latency of a busy node, without the virtual
-CPU's halt/wake-up cost. Writes bench/results/engine-sockmap-<time>.{json,md}.
+During the ping-pongs both CPUs are kept out of their idle states (two SCHED_IDLE spinners,
+preempted by anything else; ``--cold`` leaves them out): latency of a busy node, without
+the virtual CPU's halt/wake-up cost, which otherwise swings p50 between 14 and 80 us from
+one second to the next on this host, whatever the path. After every round the accelerated
+variants must still have their programs attached: a host-wide ``ztund bpf cleanup`` (as
+tests/daemon runs) detaches every running ztun's, and the run is then aborted.
+Writes bench/results/engine-sockmap-<time>.{json,md}.
 
     sudo .venv/bin/python bench/engine_sockmap_bench.py [--rounds 7] [--bytes 1000000000]
 """
@@ -207,6 +211,18 @@ def make_netns(ns: str) -> None:
         subprocess.run(cmd, check=True)
 
 
+def attached(cg: Path) -> bool:
+    """Whether ztun's sock_ops program is still attached to cg."""
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(cg)], capture_output=True, text=True, check=False
+    )
+    try:
+        progs = json.loads(out.stdout or "[]")
+    except json.JSONDecodeError:
+        return False
+    return any(p.get("name") == "ztun_sockops" for p in progs)
+
+
 @contextlib.contextmanager
 def warmers(on: bool) -> Iterator[None]:
     """With ``on``: one SCHED_IDLE busy loop per CPU (anything else preempts them)."""
@@ -246,7 +262,9 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--tag", default="")
-    ap.add_argument("--warm", action="store_true", help="CPUs kept busy during ping-pongs")
+    ap.add_argument(
+        "--cold", action="store_true", help="ping-pongs without the warmers (idle CPUs)"
+    )
     a = ap.parse_args()
     ok, why = bpf.available()
     if not ok:
@@ -297,13 +315,18 @@ def main() -> int:
             # of each variant's burst p50s (and p99s).
             p50s: dict[str, list[float]] = {v: [] for v in VARIANTS}
             p99s: dict[str, list[float]] = {v: [] for v in VARIANTS}
-            with warmers(a.warm):
+            with warmers(not a.cold):
                 for _ in range(BURSTS):
                     for v in order:
                         pp = vs[v].client("pp", str(a.pp // BURSTS), str(a.size), "200")
                         p50s[v].append(pp["p50_us"])
                         p99s[v].append(pp["p99_us"])
             for v in order:
+                if v.endswith(("_pair", "_hop")) and not attached(vs[v].cg.path):
+                    raise RuntimeError(
+                        f"round {r}: {v}'s programs are no longer attached to its cgroup "
+                        "(someone ran a host-wide ztund bpf cleanup?): figures invalid"
+                    )
                 recs[v].update(p50_us=statistics.median(p50s[v]), p99_us=statistics.median(p99s[v]))
                 raw.append(recs[v])
                 print(json.dumps(recs[v]), flush=True)
