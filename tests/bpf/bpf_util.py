@@ -131,6 +131,17 @@ def wait_gone(ids: dict[str, set[int]], timeout: float = 5.0) -> dict[str, set[i
         time.sleep(0.05)
 
 
+def cgroup_tree_ztun() -> set[tuple[str, int, str]]:
+    """(cgroup, program id, name) of every ztun_* program attached anywhere in the cgroup2
+    tree (``bpftool cgroup tree``): what a crashed or forgotten loader would leave."""
+    return {
+        (str(cg["cgroup"]), int(str(p["id"])), str(p.get("name", "")))
+        for cg in bpftool_json("cgroup", "tree")
+        for p in cg.get("programs", [])  # type: ignore[attr-defined]
+        if str(p.get("name", "")).startswith("ztun_")
+    }
+
+
 def cgroup_attachments(path: Path) -> list[dict[str, object]]:
     return bpftool_json("cgroup", "show", str(path))
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from bpf_util import Procs, wait_gone, ztun_objects
+from bpf_util import Procs, cgroup_tree_ztun, wait_gone, ztun_objects
 
 from ztun import bpf
 
@@ -36,17 +36,22 @@ def _bpf_ready() -> None:
 
 @pytest.fixture(scope="package", autouse=True)
 def _nothing_left_behind() -> Iterator[None]:
-    """After all eBPF tests: every ztun_* program, map and link they created is gone, and
-    no test cgroup is left. (Objects that existed before are another run's.)"""
+    """After all eBPF tests (the engine's included): every ztun_* program, map and link they
+    created is gone (bpftool prog/map/link list), none is attached anywhere in the cgroup
+    tree, and no test cgroup is left. (Objects that existed before are another run's.)"""
     ok, _ = bpf.available()
     before = ztun_objects() if ok else {}
+    attached_before = cgroup_tree_ztun() if ok else set()
     yield
     if not ok:
         return
     now = ztun_objects()
     left = wait_gone({k: now[k] - before[k] for k in now}, timeout=10.0)
     cg_left = [p.name for p in bpf.cgroup2_root().glob(f"ztun-test-{os.getpid()}-*")]
-    assert not any(left.values()) and not cg_left, f"left behind: {left}, cgroups {cg_left}"
+    attached = cgroup_tree_ztun() - attached_before
+    assert not any(left.values()) and not cg_left and not attached, (
+        f"left behind: {left}, cgroups {cg_left}, attached {attached}"
+    )
 
 
 @pytest.fixture
