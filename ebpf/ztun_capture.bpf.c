@@ -20,7 +20,7 @@
  *       proxy written for iptables REDIRECT) learns the original destination unchanged.
  * Inbound, on the workload's network namespace:
  *   sk_lookup  steers a new TCP connection to the HBONE port to ztun's HBONE listener and
- *       any other one (not from loopback) to ztun's plaintext listener; the accepted socket
+ *       any other one (not made inside the namespace) to ztun's plaintext listener; the accepted socket
  *       keeps the packet's addresses, so getsockname() is the original destination and
  *       getpeername() the original source. With no ztun listener the connection is refused
  *       (fail closed). One instance of this program is loaded per namespace, with its
@@ -494,6 +494,24 @@ int ztun_cap_getsockopt(struct bpf_sockopt *ctx)
 
 /* ------------------------------------------------------------------ inbound */
 
+/*
+ * A connection made inside the namespace to one of its own addresses. Over 127/8 or ::1 it
+ * arrives on lo; to a workload address it is reported on the interface owning that address
+ * (as if from outside), but its source is then the destination itself (the kernel's choice
+ * for a local route, unless the socket was bound elsewhere). From outside, a packet with
+ * one of our addresses as source is a martian for IPv4 (dropped unless accept_local), and
+ * over IPv6 a blind spoof cannot complete a handshake.
+ */
+static __always_inline int from_self(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+		return 1;
+	if (ctx->family == AF_INET)
+		return ctx->remote_ip4 == ctx->local_ip4;
+	return ctx->remote_ip6[0] == ctx->local_ip6[0] && ctx->remote_ip6[1] == ctx->local_ip6[1] &&
+	       ctx->remote_ip6[2] == ctx->local_ip6[2] && ctx->remote_ip6[3] == ctx->local_ip6[3];
+}
+
 SEC("sk_lookup")
 int ztun_cap_lookup(struct bpf_sk_lookup *ctx)
 {
@@ -511,9 +529,9 @@ int ztun_cap_lookup(struct bpf_sk_lookup *ctx)
 	if (port == ns->hbone_port) {
 		kind = ZTUN_CAP_LSN_HBONE;
 	} else {
-		/* From loopback: the workload talking to itself, or ztun delivering a
-		 * connection it has already authorized. */
-		if (ctx->ingress_ifindex == LOOPBACK_IFINDEX) {
+		/* From inside the namespace: the workload talking to itself, or ztun
+		 * delivering a connection it has already authorized. */
+		if (from_self(ctx)) {
 			stat_inc(ZTUN_CAP_STAT_IN_LOCAL);
 			return SK_PASS;
 		}

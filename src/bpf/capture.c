@@ -371,6 +371,7 @@ static int pin_maps(ztun_capture *c)
 
 	if (!c->pinning || c->maps_pinned)
 		return 0;
+	/* The ones reused from an earlier process are pinned already. */
 	if ((err = mkdirs(c->pin_dir)))
 		return fail(err, "mkdir %s", c->pin_dir);
 	bpf_object__for_each_map(m, c->skel->obj) {
@@ -464,16 +465,15 @@ int ztun_capture_open(const struct ztun_capture_config *cfg, ztun_capture **out)
 		goto cleanup;
 	}
 	if (c->pinning) {
-		/* Maps pinned by an earlier process are reused (libbpf checks they match);
-		 * new ones are pinned at load. */
-		if ((err = mkdirs(c->pin_dir))) {
-			err = fail(err, "mkdir %s", c->pin_dir);
-			goto cleanup;
-		}
+		/* Maps pinned by an earlier process are reused (libbpf checks they match what
+		 * this object declares); nothing is pinned before the first capture, so opening
+		 * has no lasting effect. */
 		bpf_object__for_each_map(m, c->skel->obj) {
 			if (!user_map(m))
 				continue;
 			snprintf(p, sizeof(p), "%s/%s", c->pin_dir, bpf_map__name(m));
+			if (access(p, F_OK))
+				continue;
 			if ((err = bpf_map__set_pin_path(m, p))) {
 				err = fail(err, "pin path %s", p);
 				goto cleanup;
@@ -488,10 +488,8 @@ int ztun_capture_open(const struct ztun_capture_config *cfg, ztun_capture **out)
 			   c->pinning ? c->pin_dir : "");
 		goto cleanup;
 	}
-	c->maps_pinned = c->pinning;
 	map_fds(c);
-	/* What a previous process left captured is taken over by ztun_capture_add(); if
-	 * nothing is, the shared getsockopt link of a previous process (if any) goes now. */
+	/* What a previous process left captured is taken over by ztun_capture_add(). */
 	*out = c;
 	return 0;
 cleanup:
