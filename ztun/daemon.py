@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -1215,7 +1216,7 @@ def _start_capture(rt: WorkloadRuntime, cfg: Config) -> None:
         netns=w.netns,
         name=w.key,
         addresses=list(w.workload_ips),
-        pin_dir=capture.DEFAULT_PIN_DIR,
+        pin_dir=_capture_pin_dir(cfg),
         outbound_port=li.outbound or capture.OUTBOUND_PORT,
         inbound_port=li.inbound_plaintext or capture.INBOUND_PORT,
         hbone_port=li.inbound,
@@ -1230,20 +1231,24 @@ def _release_capture(rt: WorkloadRuntime) -> None:
         rt.capture = None
 
 
+def _capture_pin_dir(cfg: Config) -> str:
+    """Per node (bpffs names may not hold dots): two ztunds on one host keep apart."""
+    from ztun import capture
+
+    return f"{capture.DEFAULT_PIN_DIR}/{re.sub(r'[^A-Za-z0-9_-]', '_', cfg.node)}"
+
+
 def _sync_captures(cfg: Config) -> None:
     """Release for good the pinned captures of workloads no longer captured here."""
     want = {w.key for w in cfg.local_workloads() if w.capture}
     try:
         from ztun import capture
 
-        pinned = (
-            capture.captured(capture.DEFAULT_PIN_DIR)
-            if Path(capture.DEFAULT_PIN_DIR).exists()
-            else []
-        )
+        pin_dir = _capture_pin_dir(cfg)
+        pinned = capture.captured(pin_dir) if Path(pin_dir).exists() else []
         stale = [n for n in pinned if n not in want]
         if stale:
-            capture.uncapture(stale, pin_dir=capture.DEFAULT_PIN_DIR)
+            capture.uncapture(stale, pin_dir=pin_dir)
             log.info("capture released (direct connections again): %s", ", ".join(stale))
     except (ZtunError, OSError) as e:
         log.error("capture: cannot release stale captures: %s", e)
