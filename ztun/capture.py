@@ -556,8 +556,11 @@ class Capture:
             self.listeners.close()
             _release(self._prog)
             raise
-        # The engine holds its own copies of the listening sockets.
-        self.listeners.close()
+        # The engine holds its own copies of the listening sockets; the outbound ones stay
+        # open here too, to name the hop's port to a sockmap accelerator (accelerate()).
+        for sock in self.listeners.all():
+            if sock not in (self.listeners.outbound4, self.listeners.outbound6):
+                sock.close()
         log.info(
             "capturing %s: cgroup %s, netns %s (%s%s%s)",
             self.name,
@@ -609,6 +612,15 @@ class Capture:
     def closed(self) -> bool:
         return self._closed
 
+    def accelerate(self, acc: bpf.SockmapAccelerator) -> None:
+        """Let ``acc`` (its cgroup must hold the workload's and ztun's processes) carry the
+        loopback hop from the workload's apps to ztun's outbound listener socket to socket
+        (docs/sockmap.md). The same-node shortcut between two captured workloads is the
+        engine's to take (pair_add) once it relays both ends; this names the hop it needs."""
+        for s in (self.listeners.outbound4, self.listeners.outbound6):
+            if s is not None and s.fileno() >= 0:
+                acc.add_listener(s)
+
     def stats(self) -> dict[str, int]:
         """Counters of the capture programs (all workloads of this process's programs)."""
         return self._prog.stats()
@@ -623,6 +635,7 @@ class Capture:
             self._prog.remove(self.name)
         finally:
             self._remove_listeners()
+            self.listeners.close()
             _release(self._prog)
         log.info("capture of %s disabled", self.name)
 
@@ -637,6 +650,7 @@ class Capture:
             return
         self._closed = True
         self._remove_listeners()
+        self.listeners.close()
         _release(self._prog)
         log.info("capture of %s left pinned (fail closed) until ztun is back", self.name)
 

@@ -186,8 +186,8 @@ class Side:
 class Mesh:
     """Two sides, each with a Tunnel in its node's netns; capture per side on demand."""
 
-    def __init__(self, a: Node, b: Node, ca: SpiffeCA) -> None:
-        self.cgroups = [Cgroup.create(), Cgroup.create()]
+    def __init__(self, a: Node, b: Node, ca: SpiffeCA, cgroups: list[Cgroup] | None = None) -> None:
+        self.cgroups = cgroups or [Cgroup.create(), Cgroup.create()]
         self.a = Side(a, self.cgroups[0], "client", ca)
         self.b = Side(b, self.cgroups[1], "server", ca)
         self._lock = threading.Lock()
