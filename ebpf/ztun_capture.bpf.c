@@ -379,8 +379,11 @@ int ztun_cap_release(struct bpf_sock *sk)
 {
 	__u64 cookie = bpf_get_socket_cookie(sk);
 
-	/* The 4-tuple entry stays until the TCP connection itself is closed (sock_ops). */
-	bpf_map_delete_elem(&ztun_cap_orig, &cookie);
+	/* The 4-tuple entry stays until the TCP connection itself is closed (sock_ops). A
+	 * lookup first: most sockets released here were never rewritten, and a miss costs no
+	 * bucket lock. */
+	if (bpf_map_lookup_elem(&ztun_cap_orig, &cookie))
+		bpf_map_delete_elem(&ztun_cap_orig, &cookie);
 	return 1;
 }
 

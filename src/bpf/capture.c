@@ -299,21 +299,24 @@ static uint64_t link_target(int fd)
 
 /*
  * Attach prog to target (an fd of a cgroup or netns whose id/inode is target_id), or take
- * over the link pinned at pin (NULL: no pinning): replace its program in place, so the hook
- * never runs without one. A pinned link on another target (re-created cgroup or netns) is
- * detached and replaced. Returns the link fd or a negative error.
+ * over a link: ours (mine >= 0, a repeated add) or the one pinned at pin (NULL: no
+ * pinning), replacing its program in place so the hook never runs without one. A link on
+ * another target (re-created cgroup or netns), or detached behind our back (ztund bpf
+ * cleanup: target 0), is replaced. Returns the link fd or a negative error.
  */
-static int attach_link(const char *pin, int prog, int target, uint64_t target_id,
+static int attach_link(int mine, const char *pin, int prog, int target, uint64_t target_id,
 		       enum bpf_attach_type type, const char *what)
 {
-	int fd = pin ? bpf_obj_get(pin) : -1;
+	int fd = mine >= 0 ? mine : pin ? bpf_obj_get(pin) : -1;
 
+	/* A link someone detached (ztund bpf cleanup) reports target 0: replaced below. */
 	if (fd >= 0) {
 		if (link_target(fd) == target_id && !bpf_link_update(fd, prog, NULL))
 			return fd;
 		bpf_link_detach(fd);
 		close(fd);
-		unlink(pin);
+		if (pin)
+			unlink(pin);
 	}
 	fd = bpf_link_create(prog, target, type, NULL);
 	if (fd < 0)
@@ -645,14 +648,19 @@ static int ensure_engine(ztun_capture *c)
 	char pin[PATH_MAX + 64];
 	int cg, fd;
 
-	if (c->engine_link >= 0)
+	if (c->engine_link >= 0 && link_target(c->engine_link) == c->engine_cg_id)
 		return 0;
+	if (c->engine_link >= 0) {
+		/* detached behind our back (ztund bpf cleanup): attach again */
+		close(c->engine_link);
+		c->engine_link = -1;
+	}
 	cg = open(c->engine_cg, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (cg < 0)
 		return fail(-errno, "open cgroup %s", c->engine_cg);
 	snprintf(pin, sizeof(pin), "%s/engine_%llu", c->pin_dir,
 		 (unsigned long long)c->engine_cg_id);
-	fd = attach_link(c->pinning ? pin : NULL,
+	fd = attach_link(-1, c->pinning ? pin : NULL,
 			 bpf_program__fd(c->skel->progs.ztun_cap_getsockopt), cg, c->engine_cg_id,
 			 BPF_CGROUP_GETSOCKOPT, "getsockopt to ztun's cgroup");
 	close(cg);
@@ -742,7 +750,8 @@ static int attach_hooks(ztun_capture *c, struct cap_wl *w, int cg, uint64_t cg_i
 		if (netns && !w->lookup && (err = load_lookup(c, w)))
 			return err;
 		snprintf(what, sizeof(what), "%s of %s", hook_name[h], w->name);
-		w->link[h] = attach_link(c->pinning ? pin : NULL,
+		/* Ours already (a repeated add): updated in place, or replaced if detached. */
+		w->link[h] = attach_link(w->link[h], c->pinning ? pin : NULL,
 					 prog_fd(netns ? w->lookup : c->skel, h), netns ? ns : cg,
 					 netns ? ns_ino : cg_id, hook_type[h], what);
 		if (w->link[h] < 0) {
