@@ -422,7 +422,8 @@ class Capture:
     (direct connections again, nothing of it left attached).
 
     Parameters:
-        tunnel: a started-or-startable :class:`~ztun.Tunnel` with an identity; its
+        tunnel: a :class:`~ztun.Tunnel` with an identity (started inside ``netns`` if it
+            is not started yet: its workers dial from where they start); its
             directory (``set_directory``) decides what goes over HBONE and what passes
             through; its policy judges inbound connections.
         cgroup: cgroup v2 directory of the workload's processes (descendants included).
@@ -485,6 +486,9 @@ class Capture:
         self.pin_dir = Path(pin_dir) if pin_dir is not None else None
         self._closed = False
         self._listener_ids: list[int] = []
+        if not tunnel.started:
+            # Its workers dial from the namespace they are started in: the workload's.
+            run_in_netns(self.netns, tunnel.start, name="ztun-capture")
         self._prog = _acquire(self.pin_dir, Path(engine_cgroup) if engine_cgroup else None)
         self.listeners = Listeners()
         try:
@@ -498,6 +502,9 @@ class Capture:
                 inbound_port,
                 name="ztun-capture",
             )
+            if ipv6 and self.listeners.outbound6 is None:
+                log.warning("%s: no IPv6 in the namespace: capturing IPv4 only", self.netns)
+                ipv6 = False
             engine = tunnel._require_engine()
             tls = tunnel._tls
             with tunnel._lock:
@@ -580,10 +587,15 @@ class Capture:
         # the same namespace keeps its port); the plaintext ones take ztunnel's 15006.
         ls = Listeners()
         try:
+            if ipv6:
+                try:
+                    ls.outbound6 = _listen("::1", out_port)
+                except OSError as e:
+                    if e.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                        raise
+                    ipv6 = False  # IPv6 is off in this namespace: nothing to capture there
             if ipv4:
                 ls.outbound4 = _listen("127.0.0.1", out_port)
-            if ipv6:
-                ls.outbound6 = _listen("::1", out_port)
             if inbound and ipv4:
                 ls.hbone4 = _listen("127.0.0.1", 0)
                 ls.plain4 = _listen("127.0.0.1", in_port)
