@@ -97,6 +97,10 @@ def hostport(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
+class DetachedError(RuntimeError):
+    """ztun.bpf.cleanup() detaches every ztun link on the host: another process did."""
+
+
 class Bench:
     def __init__(self, family: int) -> None:
         self.family = family
@@ -116,6 +120,23 @@ class Bench:
         except BaseException:
             self.close()
             raise
+
+    def capture(self) -> None:
+        """(Re)capture: B inbound (the other paths' ports left alone), A's app cgroup."""
+        for c in self.captures:
+            c.close()
+        self.captures = [
+            capture.Capture(
+                self.tb,
+                cgroup=self.srv_cg.path,
+                netns=self.b.path,
+                name="bench-server",
+                exclude_inbound_ports=[PORT_DIRECT, PORT_FORWARD, PORT_HBONE_EXPLICIT],
+            ),
+            capture.Capture(
+                self.ta, cgroup=self.app_cg.path, netns=self.a.path, name="bench-client"
+            ),
+        ]
 
     def ip(self, node: Node) -> str:
         return node.ip6 if self.family == 6 else node.ip4
@@ -140,20 +161,8 @@ class Bench:
         directory += [Destination(ip, ids["client"]) for ip in (a.ip4, a.ip6)]
         ta.set_directory(directory)
         tb.set_directory(directory)
-        # B: captured (inbound), with the other paths' ports left alone.
-        self.captures.append(
-            capture.Capture(
-                tb,
-                cgroup=self.srv_cg.path,
-                netns=b.path,
-                name="bench-server",
-                exclude_inbound_ports=[PORT_DIRECT, PORT_FORWARD, PORT_HBONE_EXPLICIT],
-            )
-        )
-        # A: captured (outbound) for the app cgroup only.
-        self.captures.append(
-            capture.Capture(ta, cgroup=self.app_cg.path, netns=a.path, name="bench-client")
-        )
+        self.ta, self.tb = ta, tb
+        self.capture()
         # Explicit path: forward on A -> serve() on B:15009, outside capture.
         wild = "::" if self.family == 6 else "0.0.0.0"
         run_in_netns(
@@ -222,8 +231,8 @@ class Bench:
         before = self.rewrites()
         out = self._measure(path, nbytes, pp, secs)
         if path == "captured" and self.rewrites() - before < out["conns"]:
-            raise RuntimeError(
-                "the captured path was not captured (programs detached by someone else?)"
+            raise DetachedError(
+                "the captured path was not captured (programs detached by another process?)"
             )
         if path != "captured" and self.rewrites() != before:
             raise RuntimeError(f"{path} connections were captured")
@@ -352,9 +361,19 @@ def main() -> int:
     try:
         for p in PATHS:  # warm-up: pools, handshakes, ARP/ND
             bench.client(p, "conns", 0.5)
-        for r in range(args.rounds):
+        retries = 0
+        while len(rounds) < args.rounds:
+            r = len(rounds)
             order = PATHS[r % 3 :] + PATHS[: r % 3]
-            res = {p: bench.measure(p, args.bytes, args.pp, args.secs) for p in order}
+            try:
+                res = {p: bench.measure(p, args.bytes, args.pp, args.secs) for p in order}
+            except DetachedError as e:
+                retries += 1
+                if retries > 5:
+                    raise
+                print(f"round {r + 1}: {e}: captured again, round repeated", flush=True)
+                bench.capture()
+                continue
             rounds.append(res)
             print(
                 f"round {r + 1}: "
@@ -377,6 +396,7 @@ def main() -> int:
         "bytes": args.bytes,
         "kernel": os.uname().release,
         "capture_counters": stats,
+        "rounds_repeated": retries,
         "programs": progs,
     }
     summary = summarize(rounds)
