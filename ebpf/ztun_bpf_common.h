@@ -145,6 +145,12 @@ struct ztun_cap_dst {
 	__u32 flags;  /* ZTUN_CAP_DST_* */
 };
 
+/* setsockopt(SOL_IP or SOL_IPV6, ZTUN_SO_ORIGINAL_SRC, &sockaddr, len) on ztun's socket to
+ * a captured app, before connect(), names the client the connection is for: answered by
+ * ztun's cgroup/setsockopt program, never by the kernel; the app's accept() and
+ * getpeername() then show that client. ("zt": an optname no kernel has.) */
+#define ZTUN_SO_ORIGINAL_SRC 0x7a74
+
 /* A captured workload, by name (registry ztun_cap_wl, read by user space only: it is what
  * a restarted ztund finds in the pinned maps). */
 #define ZTUN_CAP_NAME_MAX 64
@@ -175,6 +181,8 @@ enum ztun_cap_stat {
 	ZTUN_CAP_STAT_IN_LOCAL,      /* sk_lookup: from loopback (ztun delivering): left alone */
 	ZTUN_CAP_STAT_IN_SKIP_PORT,  /* sk_lookup: local port excluded */
 	ZTUN_CAP_STAT_IN_REFUSED,    /* sk_lookup: ztun not listening: refused (fail closed) */
+	ZTUN_CAP_STAT_SRC_STORED,    /* setsockopt(ZTUN_SO_ORIGINAL_SRC) filed */
+	ZTUN_CAP_STAT_SRC_SHOWN,     /* an app's accept()/getpeername() shown the client */
 	ZTUN_CAP_STAT_MAX,
 };
 

@@ -17,7 +17,11 @@
  * On ztun's own cgroup:
  *   cgroup/getsockopt  answers getsockopt(SOL_IP, SO_ORIGINAL_DST) and
  *       getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST) from ztun_cap_pair, so ztun (or any
- *       proxy written for iptables REDIRECT) learns the original destination unchanged.
+ *       proxy written for iptables REDIRECT) learns the original destination unchanged;
+ *   cgroup/setsockopt  takes setsockopt(ZTUN_SO_ORIGINAL_SRC) on ztun's socket to a captured
+ *       app, before connect(); sockops (attached here too) files it under the 4-tuple at
+ *       TCP_CONNECT_CB; the app's accept()/getpeername() then show that client, not ztun
+ *       (the getpeername hooks above, which accept() runs too).
  * Inbound, on the workload's network namespace:
  *   sk_lookup  steers a new TCP connection to the HBONE port to ztun's HBONE listener and
  *       any other one (not made inside the namespace) to ztun's plaintext listener; the accepted socket
@@ -80,6 +84,26 @@ struct {
 	__type(key, struct ztun_sock_key);
 	__type(value, struct ztun_cap_dst);
 } ztun_cap_pair SEC(".maps");
+
+/* ztun's socket to a captured app (its 4-tuple as ztun sees it) -> the client it carries,
+ * filed by setsockopt(ZTUN_SO_ORIGINAL_SRC), shown by the app's getpeername()/accept(). LRU:
+ * the app's socket release cannot read its addresses; a reused 4-tuple is filed again. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* resized by the loader (max_conns) */
+	__type(key, struct ztun_sock_key);
+	__type(value, struct ztun_cap_dst);
+} ztun_cap_src SEC(".maps");
+
+/* The client ztun named for one of its sockets before connect() (setsockopt): sock_ops
+ * files it under the 4-tuple at TCP_CONNECT_CB, before the SYN leaves, so the app can
+ * never accept the connection before its client is known. Freed with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ztun_cap_dst);
+} ztun_cap_tag SEC(".maps");
 
 /* ztun's listening sockets, ZTUN_CAP_LSN_PER_SLOT per captured namespace. */
 struct {
@@ -310,11 +334,24 @@ int ztun_cap_sockops(struct bpf_sock_ops *ops)
 	__u32 op = ops->op;
 
 	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		/* The source port is chosen, the SYN not sent yet: ztun cannot accept the
+		/* The source port is chosen, the SYN not sent yet: the peer cannot accept the
 		 * connection before the entry exists. */
 		cookie = bpf_get_socket_cookie(ops);
 		d = bpf_map_lookup_elem(&ztun_cap_orig, &cookie);
-		if (!d || !app_key(&k, ops))
+		if (!d) {
+			/* ztun's own socket (this program also hooks ztun's cgroup), to an app
+			 * it delivers a client to: file the client it was tagged with. */
+			struct bpf_sock *sk = ops->sk;
+
+			if (!sk)
+				return 1;
+			d = bpf_sk_storage_get(&ztun_cap_tag, sk, 0, 0);
+			if (d && app_key(&k, ops) &&
+			    bpf_map_update_elem(&ztun_cap_src, &k, d, BPF_ANY) == 0)
+				stat_inc(ZTUN_CAP_STAT_SRC_STORED);
+			return 1;
+		}
+		if (!app_key(&k, ops))
 			return 1;
 		if (bpf_map_update_elem(&ztun_cap_pair, &k, d, BPF_ANY) == 0)
 			stat_inc(ZTUN_CAP_STAT_PAIR_STORED);
@@ -336,16 +373,63 @@ int ztun_cap_sockops(struct bpf_sock_ops *ops)
 	return 1;
 }
 
+/*
+ * The client ztun named for this socket of the app's (one ztun connected to, and tagged):
+ * keyed by the socket's 4-tuple as ztun's end sees it. Sockets of a captured cgroup only.
+ */
+static __always_inline struct ztun_cap_dst *delivered_for(struct bpf_sock_addr *ctx)
+{
+	struct ztun_sock_key k = {};
+	struct bpf_sock *sk = ctx->sk;
+	struct ztun_cap_dst *d;
+
+	if (!sk)
+		return NULL;
+	k.netns = bpf_get_netns_cookie(ctx);
+	k.lport = bpf_ntohs(sk->dst_port); /* ztun's end is this socket's peer */
+	k.rport = (__u16)sk->src_port;
+	if (sk->family == AF_INET) {
+		k.family = AF_INET;
+		k.local[0] = sk->dst_ip4;
+		k.remote[0] = sk->src_ip4;
+	} else {
+		k.local[0] = sk->dst_ip6[0];
+		k.local[1] = sk->dst_ip6[1];
+		k.local[2] = sk->dst_ip6[2];
+		k.local[3] = sk->dst_ip6[3];
+		k.remote[0] = sk->src_ip6[0];
+		k.remote[1] = sk->src_ip6[1];
+		k.remote[2] = sk->src_ip6[2];
+		k.remote[3] = sk->src_ip6[3];
+		if (v4_mapped(k.local)) {
+			k.family = AF_INET;
+			k.local[0] = k.local[3];
+			k.remote[0] = k.remote[3];
+			k.local[1] = k.local[2] = k.local[3] = 0;
+			k.remote[1] = k.remote[2] = k.remote[3] = 0;
+		} else {
+			k.family = AF_INET6;
+		}
+	}
+	d = bpf_map_lookup_elem(&ztun_cap_src, &k);
+	if (d)
+		stat_inc(ZTUN_CAP_STAT_SRC_SHOWN);
+	return d;
+}
+
 SEC("cgroup/getpeername4")
 int ztun_cap_peer4(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct ztun_cap_dst *d = bpf_map_lookup_elem(&ztun_cap_orig, &cookie);
 
+	if (d)
+		stat_inc(ZTUN_CAP_STAT_PEERNAME);
+	else
+		d = delivered_for(ctx);
 	if (d && d->family == AF_INET) {
 		ctx->user_ip4 = d->ip[0];
 		ctx->user_port = d->port;
-		stat_inc(ZTUN_CAP_STAT_PEERNAME);
 	}
 	return 1;
 }
@@ -356,6 +440,10 @@ int ztun_cap_peer6(struct bpf_sock_addr *ctx)
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct ztun_cap_dst *d = bpf_map_lookup_elem(&ztun_cap_orig, &cookie);
 
+	if (d)
+		stat_inc(ZTUN_CAP_STAT_PEERNAME);
+	else
+		d = delivered_for(ctx);
 	if (!d)
 		return 1;
 	if (d->family == AF_INET6) {
@@ -370,7 +458,6 @@ int ztun_cap_peer6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = d->ip[0];
 	}
 	ctx->user_port = d->port;
-	stat_inc(ZTUN_CAP_STAT_PEERNAME);
 	return 1;
 }
 
@@ -492,6 +579,93 @@ int ztun_cap_getsockopt(struct bpf_sockopt *ctx)
 	}
 	ctx->retval = 0;
 	stat_inc(ZTUN_CAP_STAT_ORIG_HIT);
+	return 1;
+}
+
+/*
+ * ztun names the client a connection to a captured app is for: setsockopt(SOL_IP or
+ * SOL_IPV6, ZTUN_SO_ORIGINAL_SRC, sockaddr) on its socket before connect(). Kept with the
+ * socket, never passed to the kernel (optlen -1); any other option is the kernel's.
+ */
+SEC("cgroup/setsockopt")
+int ztun_cap_setsockopt(struct bpf_sockopt *ctx)
+{
+	struct ztun_sock_key k = {};
+	struct ztun_cap_dst d = {};
+	struct bpf_sock *sk;
+	__u16 *fam;
+
+	if ((ctx->level != SOL_IP && ctx->level != SOL_IPV6) ||
+	    ctx->optname != ZTUN_SO_ORIGINAL_SRC)
+		return 1;
+	sk = ctx->sk;
+	fam = ctx->optval;
+	if (!sk || (void *)(fam + 1) > ctx->optval_end)
+		return 0; /* EPERM: a malformed tag is not passed to the kernel either */
+	if (*fam == AF_INET) {
+		struct sockaddr_in_ *sin = ctx->optval;
+
+		if ((void *)(sin + 1) > ctx->optval_end)
+			return 0;
+		d.family = AF_INET;
+		d.ip[0] = sin->sin_addr;
+		d.port = sin->sin_port;
+	} else if (*fam == AF_INET6) {
+		struct sockaddr_in6_ *sin6 = ctx->optval;
+
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			return 0;
+		d.port = sin6->sin6_port;
+		if (v4_mapped(sin6->sin6_addr)) {
+			d.family = AF_INET;
+			d.flags = ZTUN_CAP_DST_MAPPED;
+			d.ip[0] = sin6->sin6_addr[3];
+		} else {
+			d.family = AF_INET6;
+			d.ip[0] = sin6->sin6_addr[0];
+			d.ip[1] = sin6->sin6_addr[1];
+			d.ip[2] = sin6->sin6_addr[2];
+			d.ip[3] = sin6->sin6_addr[3];
+		}
+	} else {
+		return 0;
+	}
+	/* Before connect() (the way to use it): kept with the socket for sock_ops. */
+	if (!bpf_sk_storage_get(&ztun_cap_tag, sk, &d, BPF_SK_STORAGE_GET_F_CREATE))
+		return 0;
+	ctx->optlen = -1; /* handled: the kernel's setsockopt is skipped, the call returns 0 */
+	if (!sk->dst_port)
+		return 1;
+	/* After connect() started: filed under the 4-tuple now (the app may have accepted
+	 * already: tag before connect()). ztun's end: this socket's own 4-tuple. */
+	k.netns = bpf_get_netns_cookie(ctx);
+	k.lport = (__u16)sk->src_port;
+	k.rport = bpf_ntohs(sk->dst_port);
+	if (sk->family == AF_INET) {
+		k.family = AF_INET;
+		k.local[0] = sk->src_ip4;
+		k.remote[0] = sk->dst_ip4;
+	} else {
+		k.local[0] = sk->src_ip6[0];
+		k.local[1] = sk->src_ip6[1];
+		k.local[2] = sk->src_ip6[2];
+		k.local[3] = sk->src_ip6[3];
+		k.remote[0] = sk->dst_ip6[0];
+		k.remote[1] = sk->dst_ip6[1];
+		k.remote[2] = sk->dst_ip6[2];
+		k.remote[3] = sk->dst_ip6[3];
+		if (v4_mapped(k.remote)) {
+			k.family = AF_INET;
+			k.local[0] = k.local[3];
+			k.remote[0] = k.remote[3];
+			k.local[1] = k.local[2] = k.local[3] = 0;
+			k.remote[1] = k.remote[2] = k.remote[3] = 0;
+		} else {
+			k.family = AF_INET6;
+		}
+	}
+	if (bpf_map_update_elem(&ztun_cap_src, &k, &d, BPF_ANY) == 0)
+		stat_inc(ZTUN_CAP_STAT_SRC_STORED);
 	return 1;
 }
 

@@ -12,6 +12,8 @@
  * Pin layout under pin_dir (names without dots: bpffs reserves them):
  *   ztun_cap_*          the maps
  *   engine_<cgroup id>  getsockopt link on ztun's cgroup
+ *   engineset_<id>      setsockopt link on ztun's cgroup
+ *   engineops_<id>      sockops link on ztun's cgroup (files tagged clients)
  *   w<slot>/<hook>      a workload's links (connect4 ... sk_lookup)
  */
 #ifndef _GNU_SOURCE
@@ -64,6 +66,7 @@ _Static_assert(ZTUN_CAP_STAT_MAX == ZTUN_CAPTURE_NSTATS, "capture stat count");
 _Static_assert(ZTUN_CAP_LSN_PER_SLOT == ZTUN_CAPTURE_NLSN, "listener slots");
 _Static_assert(ZTUN_CAPTURE_LSN_PLAIN4 == ZTUN_CAP_LSN_PLAIN * 2, "listener index");
 _Static_assert(ZTUN_CAPTURE_NAME_MAX < ZTUN_CAP_NAME_MAX, "name length");
+_Static_assert(ZTUN_CAPTURE_SO_ORIGINAL_SRC == ZTUN_SO_ORIGINAL_SRC, "optname");
 
 /* A workload's hooks, in attach order: the namespace's inbound steering last (its
  * listeners are in place by then), the connect rewrite after what it relies on. */
@@ -99,6 +102,8 @@ struct ztun_capture {
 	bool pinning;     /* cfg.pin_dir given */
 	bool maps_pinned; /* the maps are pinned right now */
 	int engine_link;  /* getsockopt link on engine_cg, -1 */
+	int engine_set_link; /* setsockopt link on engine_cg, -1 */
+	int engine_ops_link; /* sockops link on engine_cg, -1 */
 	uint64_t engine_cg_id;
 	int fd_ns, fd_skip, fd_orig, fd_pair, fd_lsn, fd_wl, fd_stats;
 	struct cap_wl *wl; /* cfg.max_workloads entries */
@@ -413,6 +418,8 @@ int ztun_capture_open(const struct ztun_capture_config *cfg, ztun_capture **out)
 	if (cfg)
 		c->cfg = *cfg;
 	c->engine_link = -1;
+	c->engine_set_link = -1;
+	c->engine_ops_link = -1;
 	if (!c->cfg.mark)
 		c->cfg.mark = ZTUN_BPF_DEFAULT_MARK;
 	if (!c->cfg.max_conns)
@@ -463,6 +470,7 @@ int ztun_capture_open(const struct ztun_capture_config *cfg, ztun_capture **out)
 					    c->cfg.max_workloads * ZTUN_CAPTURE_NLSN)) ||
 	    (err = bpf_map__set_max_entries(c->skel->maps.ztun_cap_orig, c->cfg.max_conns)) ||
 	    (err = bpf_map__set_max_entries(c->skel->maps.ztun_cap_pair, c->cfg.max_conns)) ||
+	    (err = bpf_map__set_max_entries(c->skel->maps.ztun_cap_src, c->cfg.max_conns)) ||
 	    (err = bpf_map__set_max_entries(c->skel->maps.ztun_cap_skip, MAX_SKIP_ENTRIES))) {
 		err = fail(err, "size capture maps");
 		goto cleanup;
@@ -648,7 +656,9 @@ static int ensure_engine(ztun_capture *c)
 	char pin[PATH_MAX + 64];
 	int cg, fd;
 
-	if (c->engine_link >= 0 && link_target(c->engine_link) == c->engine_cg_id)
+	if (c->engine_link >= 0 && link_target(c->engine_link) == c->engine_cg_id &&
+	    c->engine_set_link >= 0 && link_target(c->engine_set_link) == c->engine_cg_id &&
+	    c->engine_ops_link >= 0 && link_target(c->engine_ops_link) == c->engine_cg_id)
 		return 0;
 	if (c->engine_link >= 0) {
 		/* detached behind our back (ztund bpf cleanup): attach again */
@@ -663,10 +673,31 @@ static int ensure_engine(ztun_capture *c)
 	fd = attach_link(-1, c->pinning ? pin : NULL,
 			 bpf_program__fd(c->skel->progs.ztun_cap_getsockopt), cg, c->engine_cg_id,
 			 BPF_CGROUP_GETSOCKOPT, "getsockopt to ztun's cgroup");
+	if (fd < 0) {
+		close(cg);
+		return fd;
+	}
+	c->engine_link = fd;
+	snprintf(pin, sizeof(pin), "%s/engineset_%llu", c->pin_dir,
+		 (unsigned long long)c->engine_cg_id);
+	fd = attach_link(c->engine_set_link, c->pinning ? pin : NULL,
+			 bpf_program__fd(c->skel->progs.ztun_cap_setsockopt), cg, c->engine_cg_id,
+			 BPF_CGROUP_SETSOCKOPT, "setsockopt to ztun's cgroup");
+	if (fd < 0) {
+		close(cg);
+		return fd;
+	}
+	c->engine_set_link = fd;
+	/* sock_ops on ztun's sockets too: files a tagged client at TCP_CONNECT_CB. */
+	snprintf(pin, sizeof(pin), "%s/engineops_%llu", c->pin_dir,
+		 (unsigned long long)c->engine_cg_id);
+	fd = attach_link(c->engine_ops_link, c->pinning ? pin : NULL,
+			 bpf_program__fd(c->skel->progs.ztun_cap_sockops), cg, c->engine_cg_id,
+			 BPF_CGROUP_SOCK_OPS, "sockops to ztun's cgroup");
 	close(cg);
 	if (fd < 0)
 		return fd;
-	c->engine_link = fd;
+	c->engine_ops_link = fd;
 	return 0;
 }
 
@@ -972,10 +1003,16 @@ int ztun_capture_remove(ztun_capture *c, const char *name)
 		snprintf(pin, sizeof(pin), "%s/engine_%llu", c->pin_dir,
 			 (unsigned long long)c->engine_cg_id);
 		drop_link(&c->engine_link, c->pinning ? pin : NULL);
+		snprintf(pin, sizeof(pin), "%s/engineset_%llu", c->pin_dir,
+			 (unsigned long long)c->engine_cg_id);
+		drop_link(&c->engine_set_link, c->pinning ? pin : NULL);
+		snprintf(pin, sizeof(pin), "%s/engineops_%llu", c->pin_dir,
+			 (unsigned long long)c->engine_cg_id);
+		drop_link(&c->engine_ops_link, c->pinning ? pin : NULL);
 		if (c->pinning && (d = opendir(c->pin_dir))) {
 			/* engine links of other cgroups (an earlier ztund elsewhere) */
 			while ((e = readdir(d))) {
-				if (strncmp(e->d_name, "engine_", 7))
+				if (strncmp(e->d_name, "engine", 6))
 					continue;
 				snprintf(pin, sizeof(pin), "%s/%s", c->pin_dir, e->d_name);
 				int fd = -1;
@@ -1033,6 +1070,8 @@ static const char *const stat_names[ZTUN_CAP_STAT_MAX] = {
 	[ZTUN_CAP_STAT_IN_LOCAL] = "in_local",
 	[ZTUN_CAP_STAT_IN_SKIP_PORT] = "in_skip_port",
 	[ZTUN_CAP_STAT_IN_REFUSED] = "in_refused",
+	[ZTUN_CAP_STAT_SRC_STORED] = "source_stored",
+	[ZTUN_CAP_STAT_SRC_SHOWN] = "source_shown",
 };
 
 const char *ztun_capture_stat_name(unsigned idx)
@@ -1078,6 +1117,10 @@ void ztun_capture_close(ztun_capture *c)
 	}
 	if (c->engine_link >= 0)
 		close(c->engine_link);
+	if (c->engine_set_link >= 0)
+		close(c->engine_set_link);
+	if (c->engine_ops_link >= 0)
+		close(c->engine_ops_link);
 	if (c->skel)
 		ztun_capture_skel__destroy(c->skel);
 	free(c);

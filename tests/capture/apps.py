@@ -66,6 +66,7 @@ def sha_client(host: str, port: int, total: int, seed: int) -> int:
     try:
         s = socket.create_connection((host, port), timeout=30)
         out["peer"] = list(s.getpeername()[:2])
+        out["local"] = list(s.getsockname()[:2])  # loopback when captured (sent to ztun)
         sent = 0
         i = 0
         while sent < total:

@@ -284,10 +284,15 @@ def mesh(two_nodes: tuple[Node, Node], engine_cgroup: Cgroup, ca: SpiffeCA) -> I
         m.close()
 
 
+@dataclass(frozen=True)
+class EngineFeatures:
+    inbound: bool  # FORWARD + ORIGINAL_DST connects to the original destination
+    source: bool  # connections to apps are tagged with the client (ZTUN_SO_ORIGINAL_SRC)
+
+
 @pytest.fixture(scope="session")
-def engine_inbound(ca: SpiffeCA) -> bool:
-    """Whether this build's engine connects a FORWARD + LISTENER_ORIGINAL_DST listener's
-    connections to their original destination (plaintext inbound capture needs it). Probed
+def engine(ca: SpiffeCA) -> EngineFeatures:
+    """What this build's engine does for capture (docs/capture.md, 'Engine change'). Probed
     once: a plain server on a captured node, a plaintext client on the other."""
     from harness.netns import Topology
 
@@ -299,20 +304,29 @@ def engine_inbound(ca: SpiffeCA) -> bool:
             m = Mesh(topo[0], topo[1], ca)
             try:
                 m.start(m.b)
-                srv = m.b.server("sha-server", "18080", captured=False)
-                res = m.a.app("probe", m.b.node.ip4, "18080", "x", captured=False, timeout=30)
+                srv = m.b.server("sha-server", "18080")
+                res = m.a.app("sha-client", m.b.node.ip4, "18080", "10", captured=False)
                 srv.kill()
                 srv.wait()
-                return bool(res.get("ok"))
+                ok = bool(res.get("ok"))
+                return EngineFeatures(ok, ok and res.get("server_saw") == m.a.node.ip4)
             finally:
                 m.close()
         finally:
             cg.remove()
 
 
-def need_engine_inbound(engine_inbound: bool) -> None:
-    if not engine_inbound:
+def need_engine_inbound(engine: EngineFeatures) -> None:
+    if not engine.inbound:
         pytest.xfail(ENGINE_CHANGE)
+
+
+def need_engine_source(engine: EngineFeatures) -> None:
+    if not engine.source:
+        pytest.xfail(
+            "the engine does not yet tag its connections to apps with the client "
+            "(setsockopt ZTUN_CAPTURE_SO_ORIGINAL_SRC; docs/capture.md, 'Engine change')"
+        )
 
 
 @pytest.fixture

@@ -27,14 +27,16 @@ def test_disable_restores_direct_connections_and_leaves_nothing(mesh: Mesh) -> N
     mesh.b.server("sha-server", "9000", captured=False)
     host = mesh.b.node.ip4
     res = mesh.a.app("sha-client", host, "9000", str(1 << 20))
-    assert res["ok"] and res["server_saw"] == host  # delivered by B's ztun, inside B
+    assert res["ok"] and res["local"][0] == "127.0.0.1", res  # sent to A's ztun
+    mesh.wait_close(mesh.b, lambda e: e.mode == 4 and e.peer_id == mesh.a.spiffe_id)
     assert cap_objects()["links"] - before["links"], "capture attached links"
     mesh.stop(mesh.a)
     mesh.stop(mesh.b)
+    n = len(mesh.b.events)
     res = mesh.a.app("sha-client", host, "9000", str(1 << 20))
     assert res["ok"] and res["server_saw"] == mesh.a.node.ip4  # direct again
-    probe = mesh.a.app("probe", host, "9000")
-    assert probe["local"][0] == mesh.a.node.ip4  # not rewritten to loopback
+    assert res["local"][0] == mesh.a.node.ip4  # not rewritten to loopback
+    assert len(mesh.b.events) == n  # B's ztun saw nothing of it
     left = wait_no_capture(before)
     assert not any(left.values()), f"left attached: {left}"
 
@@ -93,7 +95,8 @@ def test_crashed_ztun_fails_closed_until_ztund_bpf_cleanup(mesh: Mesh) -> None:
     try:
         assert holder.stdout is not None and "READY" in holder.stdout.readline()
         res = mesh.a.app("sha-client", host, "9000", str(1 << 20))
-        assert res["ok"] and res["server_saw"] == mesh.a.node.ip4  # passthrough via ztun
+        assert res["ok"] and res["local"][0] == "127.0.0.1", res  # via ztun: passthrough
+        assert res["server_saw"] == mesh.a.node.ip4  # dialled from A's namespace
         holder.send_signal(signal.SIGKILL)
         holder.wait(10)
         res = mesh.a.app("probe", host, "9000", "x")

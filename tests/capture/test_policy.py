@@ -6,7 +6,7 @@ no identity, so only address and port rules can allow it."""
 from __future__ import annotations
 
 import pytest
-from conftest import Mesh, need_engine_inbound
+from conftest import EngineFeatures, Mesh, need_engine_inbound
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf]
 
@@ -50,13 +50,13 @@ def test_hbone_allowed_by_identity(mesh: Mesh) -> None:
 
 
 def test_plaintext_without_identity_is_denied_by_principal_rules(
-    mesh: Mesh, engine_inbound: bool
+    mesh: Mesh, engine: EngineFeatures
 ) -> None:
     mesh.start(mesh.b, policies=allow_from("cluster.local/ns/demo/sa/client"))
     mesh.b.server("sha-server", "9000")
     # A is not in the mesh: its plaintext connect is steered to B's ztun (sk_lookup).
     res = mesh.a.app("probe", mesh.b.node.ip4, "9000", "secret", captured=False)
-    need_engine_inbound(engine_inbound)
+    need_engine_inbound(engine)
     assert not res["ok"] and res["error"] in DENIED and res["seconds"] < 5, res
     ev = mesh.wait_close(mesh.b, lambda e: e.mode == 1)
     assert ev.reason == "policy_denied" and ev.peer_id is None
@@ -66,14 +66,14 @@ def test_plaintext_without_identity_is_denied_by_principal_rules(
 
 @pytest.mark.parametrize("family", [4, 6])
 def test_plaintext_allowed_by_address_and_port(
-    mesh: Mesh, engine_inbound: bool, family: int
+    mesh: Mesh, engine: EngineFeatures, family: int
 ) -> None:
     src = mesh.a.addr(family)
     mesh.start(mesh.b, policies=allow_from(ip=src, port=9000))
     mesh.b.server("sha-server", "9000")
     mesh.b.server("sha-server", "9001")
     ok = mesh.a.app("sha-client", mesh.b.addr(family), "9000", str(1 << 20), captured=False)
-    need_engine_inbound(engine_inbound)
+    need_engine_inbound(engine)
     assert ok["ok"], ok
     other_port = mesh.a.app("probe", mesh.b.addr(family), "9001", "x", captured=False)
     assert not other_port["ok"] and other_port["error"] in DENIED, other_port

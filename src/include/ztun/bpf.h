@@ -252,6 +252,12 @@ int ztun_capture_remove(ztun_capture *c, const char *name);
 int ztun_capture_list(ztun_capture *c, char *buf, size_t len);
 int ztun_capture_stats(ztun_capture *c, uint64_t *out, size_t n);
 const char *ztun_capture_stat_name(unsigned idx);
+/* The engine's side of source preservation: before connect() to a captured app,
+ * setsockopt(fd, SOL_IP or SOL_IPV6, ZTUN_CAPTURE_SO_ORIGINAL_SRC, &client_sockaddr, len)
+ * makes the app's accept()/getpeername() show the client (a program on ztun's cgroup takes
+ * the call; without capture it fails with ENOPROTOOPT, harmless). */
+#define ZTUN_CAPTURE_SO_ORIGINAL_SRC 0x7a74
+
 /* What the last failing ztun_capture_* call of this thread did wrong (capture's own
  * buffer: ztun_bpf_last_error() is the sockmap loader's). */
 const char *ztun_capture_last_error(void);
@@ -261,7 +267,7 @@ int ztun_capture_netns_cookie(const char *netns, uint64_t *cookie);
  * ones are detached. NULL is fine. */
 void ztun_capture_close(ztun_capture *c);
 
-#define ZTUN_CAPTURE_NSTATS 15
+#define ZTUN_CAPTURE_NSTATS 17
 
 #ifdef __cplusplus
 }
