@@ -109,8 +109,9 @@ class Bench:
         self.topo = Topology(2, "cbench")
         self.a, self.b = self.topo.nodes
         self.engine_cg = Cgroup.create()
-        self.app_cg = Cgroup.create()
-        self.srv_cg = Cgroup.create()
+        self.app_cg = Cgroup.create()  # the captured client
+        self.srv_cg = Cgroup.create()  # the captured server
+        self.other_cg = Cgroup.create()  # the other paths' clients: not ztun's cgroup
         self.engine_cg.add()
         self.tunnels: list[Tunnel] = []
         self.captures: list[capture.Capture] = []
@@ -181,10 +182,9 @@ class Bench:
         for port in (PORT_CAPTURED, PORT_DIRECT, PORT_FORWARD):
             # Inbound capture is per namespace; the captured path's server is also in B's
             # captured cgroup (its sockets meet sock_ops and sock_release), the others not.
-            argv = [self.zload, "server", hostport(wild, port), "16"]
-            if port == PORT_CAPTURED:
-                argv = ["sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', self.srv_cg.path]
-                argv += [self.zload, "server", hostport(wild, port), "16"]
+            cg = self.srv_cg if port == PORT_CAPTURED else self.other_cg
+            argv = ["sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', cg.path]
+            argv += [self.zload, "server", hostport(wild, port), "16"]
             p = b.popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             assert p.stdout is not None
             line = p.stdout.readline()
@@ -203,8 +203,8 @@ class Bench:
     def client(self, path: str, *args: object, timeout: float = 300) -> dict[str, Any]:
         host, port, captured = self.dial(path)
         argv = [self.zload, "client", hostport(host, port), *map(str, args)]
-        if captured:
-            argv = ["sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', self.app_cg.path, *argv]
+        cg = self.app_cg if captured else self.other_cg
+        argv = ["sh", "-c", 'echo 0 > "$0/cgroup.procs" && exec "$@"', cg.path, *argv]
         env = {**os.environ, "ZLOAD_TIMEOUT": "5"}
         cp = self.a.run_in(
             subprocess.run,
@@ -267,7 +267,7 @@ class Bench:
         for t in self.tunnels:
             with contextlib.suppress(Exception):
                 t.close()
-        for cg in (self.app_cg, self.srv_cg, self.engine_cg):
+        for cg in (self.app_cg, self.srv_cg, self.other_cg, self.engine_cg):
             with contextlib.suppress(Exception):
                 cg.remove()
         self.topo.close()
@@ -324,9 +324,11 @@ def programs_md(progs: dict[str, tuple[int, int]], counters: dict[str, int]) -> 
     lines = [
         "",
         f"Capture programs, kernel bpf_stats over the whole run ({conns} captured "
-        "connections). The cgroup programs see only captured sockets; the getsockopt program "
-        "runs for every getsockopt() of the ztun process and sk_lookup for every new inbound "
-        "connection of B, whatever the path, so their share is an upper bound:",
+        "connections). The workload-cgroup programs see only captured sockets; the programs "
+        "on ztun's cgroup (getsockopt, setsockopt, its sock_ops link) run for every socket of "
+        "the ztun process, forward path included, and sk_lookup for every new inbound "
+        "connection of B, whatever the path: their share per captured connection is an "
+        "upper bound:",
         "",
         "| program | runs | ns/run | runs per captured conn | ns per captured conn |",
         "|---|---|---|---|---|",
