@@ -99,4 +99,91 @@ enum ztun_stat {
 	ZTUN_STAT_MAX,
 };
 
+/* ------------------------------------------------------------------ transparent capture
+ * (ebpf/ztun_capture.bpf.c, src/bpf/capture.c). Own layout version: pinned capture maps of
+ * an older layout are refused at load. */
+#define ZTUN_CAP_LAYOUT 1
+
+/* ztun_cap_ns.flags: what is captured in one network namespace. */
+#define ZTUN_CAP_F_OUT4 0x1u /* rewrite IPv4 TCP connects to the outbound port */
+#define ZTUN_CAP_F_OUT6 0x2u /* rewrite IPv6 TCP connects (v4-mapped ones too) */
+#define ZTUN_CAP_F_IN 0x4u   /* steer inbound TCP to ztun's listeners (sk_lookup) */
+
+/* Per captured network namespace (value of ztun_cap_ns, keyed by its netns cookie). */
+struct ztun_cap_ns {
+	__u32 out_ip6[4]; /* rewrite target of IPv6 connects (::1), network order */
+	__u32 out_ip4;    /* rewrite target of IPv4 connects (127.0.0.1), network order */
+	__u16 out_port;   /* ztun's outbound port (15001), host order */
+	__u16 hbone_port; /* inbound port steered to ztun's HBONE listener (15008), host order */
+	__u32 flags;      /* ZTUN_CAP_F_* */
+	__u32 slot;       /* listeners: ztun_cap_lsn[slot * ZTUN_CAP_LSN_PER_SLOT + ...] */
+};
+
+/* Listener index within a slot: kind * 2 + (family == AF_INET6). */
+#define ZTUN_CAP_LSN_HBONE 0
+#define ZTUN_CAP_LSN_PLAIN 1
+#define ZTUN_CAP_LSN_PER_SLOT 4
+
+/* A port that is never captured in one namespace (key of ztun_cap_skip). */
+#define ZTUN_CAP_DIR_OUT 0 /* destination port of outgoing connects */
+#define ZTUN_CAP_DIR_IN 1  /* local port of incoming connections */
+struct ztun_cap_skip_key {
+	__u64 netns;
+	__u16 port; /* host order */
+	__u8 dir;   /* ZTUN_CAP_DIR_* */
+	__u8 pad[5];
+};
+
+/* The destination an app dialled before connect4/6 rewrote it (network order). An app that
+ * dialled a v4-mapped address (::ffff:a.b.c.d on an IPv6 socket) is stored as AF_INET with
+ * ZTUN_CAP_DST_MAPPED, so the IPv4 listener's SO_ORIGINAL_DST gets a sockaddr_in. */
+#define ZTUN_CAP_DST_MAPPED 0x1u
+struct ztun_cap_dst {
+	__u32 ip[4];  /* AF_INET: ip[0] */
+	__u16 port;   /* network order */
+	__u16 family; /* AF_INET or AF_INET6 */
+	__u32 flags;  /* ZTUN_CAP_DST_* */
+};
+
+/* setsockopt(SOL_IP or SOL_IPV6, ZTUN_SO_ORIGINAL_SRC, &sockaddr, len) on ztun's socket to
+ * a captured app, before connect(), names the client the connection is for: answered by
+ * ztun's cgroup/setsockopt program, never by the kernel; the app's accept() and
+ * getpeername() then show that client. ("zt": an optname no kernel has.) */
+#define ZTUN_SO_ORIGINAL_SRC 0x7a74
+
+/* A captured workload, by name (registry ztun_cap_wl, read by user space only: it is what
+ * a restarted ztund finds in the pinned maps). */
+#define ZTUN_CAP_NAME_MAX 64
+struct ztun_cap_wl_key {
+	char name[ZTUN_CAP_NAME_MAX];
+};
+struct ztun_cap_wl {
+	__u64 netns_cookie;
+	__u64 netns_ino;
+	__u64 cgroup_id;
+	__u32 slot;
+	__u32 flags; /* ZTUN_CAP_F_* */
+};
+
+enum ztun_cap_stat {
+	ZTUN_CAP_STAT_REWRITE4 = 0,  /* IPv4 connects sent to ztun's outbound port */
+	ZTUN_CAP_STAT_REWRITE6,      /* IPv6 (and v4-mapped) connects sent there */
+	ZTUN_CAP_STAT_SKIP_LOCAL,    /* loopback / unspecified destinations: left alone */
+	ZTUN_CAP_STAT_SKIP_PORT,     /* destination port excluded */
+	ZTUN_CAP_STAT_SKIP_MARK,     /* ztun's own (marked) sockets */
+	ZTUN_CAP_STAT_STORE_ERR,     /* original destination not stored: connect refused */
+	ZTUN_CAP_STAT_PAIR_STORED,   /* sock_ops: original destination keyed by 4-tuple */
+	ZTUN_CAP_STAT_ORIG_HIT,      /* getsockopt(SO_ORIGINAL_DST) answered */
+	ZTUN_CAP_STAT_ORIG_MISS,     /* ... asked for a socket we know nothing of */
+	ZTUN_CAP_STAT_PEERNAME,      /* getpeername() shown the original peer */
+	ZTUN_CAP_STAT_IN_HBONE,      /* sk_lookup: steered to ztun's HBONE listener */
+	ZTUN_CAP_STAT_IN_PLAIN,      /* sk_lookup: steered to ztun's plaintext listener */
+	ZTUN_CAP_STAT_IN_LOCAL,      /* sk_lookup: from loopback (ztun delivering): left alone */
+	ZTUN_CAP_STAT_IN_SKIP_PORT,  /* sk_lookup: local port excluded */
+	ZTUN_CAP_STAT_IN_REFUSED,    /* sk_lookup: ztun not listening: refused (fail closed) */
+	ZTUN_CAP_STAT_SRC_STORED,    /* setsockopt(ZTUN_SO_ORIGINAL_SRC) filed */
+	ZTUN_CAP_STAT_SRC_SHOWN,     /* an app's accept()/getpeername() shown the client */
+	ZTUN_CAP_STAT_MAX,
+};
+
 #endif /* ZTUN_BPF_COMMON_H */

@@ -241,7 +241,9 @@ class Workload(_Model):
     # /run/netns/<name> or /proc/<pid>/ns/net); ztund opens their listeners there.
     netns: str | None = None
     forwards: list[Forward] = Field(default_factory=list)
-    # Transparent capture (issue 8): the workload's cgroup and whether to capture it.
+    # Transparent capture (docs/capture.md): the cgroup v2 directory of the workload's
+    # processes, and whether ztund captures its TCP traffic (connects in that cgroup,
+    # inbound connections in its netns) with eBPF.
     cgroup: str | None = None
     capture: bool = False
 
@@ -288,7 +290,8 @@ class Listeners(_Model):
     # namespace, on socks5Bind; null: none.
     socks5: Port | None = SOCKS5_PORT
     socks5_bind: IpAddress = "127.0.0.1"
-    # Transparent capture (issue 8): the outbound and plaintext-inbound ports (reserved).
+    # Transparent capture: ztund's outbound and plaintext-inbound ports on loopback inside
+    # each captured workload's namespace; null: 15001 / 15006 (ztunnel's).
     outbound: Port | None = None
     inbound_plaintext: Port | None = None
 
@@ -452,6 +455,11 @@ def _semantic_errors(
                     ("workloads", i, "forwards"),
                     f"only local workloads (node {cfg.node}) have forwards here",
                 )
+            if w.capture:
+                err(
+                    ("workloads", i, "capture"),
+                    f"only local workloads (node {cfg.node}) are captured here",
+                )
             continue
         if w.protocol is Protocol.HBONE and w.netns is None:
             err(
@@ -462,12 +470,19 @@ def _semantic_errors(
             if why:
                 err(("workloads", i, "netns"), f"{w.netns}: {why}")
         if w.capture:
-            err(("workloads", i, "capture"), "transparent capture is not available yet (issue 8)")
+            if w.protocol is not Protocol.HBONE:
+                err(("workloads", i, "capture"), "only HBONE (in-mesh) workloads are captured")
+            if w.cgroup is None:
+                err(("workloads", i, "capture"), "capture needs the workload's cgroup (cgroup:)")
+            elif runtime and not os.path.isdir(w.cgroup):
+                err(("workloads", i, "cgroup"), f"{w.cgroup}: no such cgroup directory")
         if w.forwards and w.protocol is not Protocol.HBONE:
             err(("workloads", i, "forwards"), "forwards need an HBONE (in-mesh) workload")
         ports: dict[tuple[str, int], int] = {}
         li = cfg.listeners
         reserved = {li.inbound, li.socks5, li.outbound, li.inbound_plaintext} - {None}
+        if w.capture:
+            reserved |= {li.outbound or 15001, li.inbound_plaintext or 15006}
         for k, f in enumerate(w.forwards):
             path = ("workloads", i, "forwards", k)
             if (f.bind, f.port) in ports:

@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import sys
 import threading
@@ -161,6 +162,7 @@ class WorkloadRuntime:
         self.error: str | None = None
         self.next_try = 0.0
         self.unsubscribe: Callable[[], None] | None = None
+        self.capture: Any = None  # ztun.capture.Capture (docs/capture.md)
 
     @property
     def key(self) -> str:
@@ -223,6 +225,7 @@ class WorkloadRuntime:
             self.socks5 = None
         for h in self.inbounds:
             h.close()
+        _release_capture(self)
 
     def describe(self) -> dict[str, Any]:
         listeners: list[dict[str, Any]] = []
@@ -242,6 +245,8 @@ class WorkloadRuntime:
             else:
                 d["protocol"] = "TCP"
             listeners.append(d)
+        if self.capture is not None and not self.capture.closed:
+            listeners.append({"kind": "capture", "name": self.capture.name})
         return {"running": self.running, "error": self.error, "listeners": listeners}
 
 
@@ -528,9 +533,11 @@ class Daemon:
                     rt.listeners[rt.socks5.id] = ListenerInfo("socks5")
                 for f in forwards:
                     rt.open_forward(f)
+                _start_capture(rt, cfg)
             except BaseException:
                 rt.tunnel = None
                 rt.inbounds = []
+                _release_capture(rt)
                 t.close()
                 raise
             return t
@@ -609,6 +616,7 @@ class Daemon:
             self.reload_status.failed += 1
             log.error("reload rejected, the running configuration stays: %s", e)
             return False
+        _sync_captures(new.config)
         self.reload_status.generation += 1
         self.reload_status.loaded_at = now
         self.reload_status.last_ok = True
@@ -755,6 +763,7 @@ class Daemon:
             rt.listeners[rt.socks5.id] = ListenerInfo("socks5")
         for f in self._resolve_forwards(cfg, rt.spec):
             rt.open_forward(f)
+        _start_capture(rt, cfg)
 
     def _discard(self, rt: WorkloadRuntime) -> None:
         if rt.tunnel is not None:
@@ -1119,7 +1128,9 @@ class Daemon:
                         self._ensure_identity(cfg, w)
                     except (ZtunError, OSError) as e:  # retried by _reconcile
                         log.error("identity for %s: %s", w.key, e)
+        _prepare_capture(cfg)
         self._reconcile()
+        _sync_captures(cfg)
 
     def run(self, *, install_signals: bool = True) -> int:
         if install_signals:
@@ -1230,7 +1241,84 @@ def _engine_fields(w: Workload) -> tuple[Any, ...]:
         tuple(w.workload_ips),
         tuple(sorted(w.labels.items())),
         w.protocol,
+        w.capture,
+        w.cgroup,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Transparent capture (docs/capture.md): programs pinned under ztun's pin root, so that a
+# captured workload gets no plaintext path while ztund is stopped or restarting (its
+# connects are refused) and a restarted ztund takes them over without a gap. A workload
+# removed from the config, or no longer captured, is released for good.
+
+
+def _prepare_capture(cfg: Config) -> None:
+    """Put ztund in a cgroup of its own when it runs in the cgroup2 root: the program that
+    answers SO_ORIGINAL_DST hooks ztund's cgroup, and the root would be every process."""
+    if not any(w.capture for w in cfg.local_workloads()):
+        return
+    from ztun import bpf
+
+    with contextlib.suppress(ZtunError, OSError):
+        root = bpf.cgroup2_root()
+        if bpf.own_cgroup() == root:
+            own = root / "ztund"
+            own.mkdir(exist_ok=True)
+            (own / "cgroup.procs").write_text(str(os.getpid()))
+            log.info("moved ztund into cgroup %s (capture hooks ztund's own cgroup)", own)
+
+
+def _start_capture(rt: WorkloadRuntime, cfg: Config) -> None:
+    w = rt.spec
+    if not w.capture or rt.tunnel is None or w.netns is None or w.cgroup is None:
+        return
+    from ztun import capture
+    from ztun.capture import Capture
+
+    li = cfg.listeners
+    rt.capture = Capture(
+        rt.tunnel,
+        cgroup=w.cgroup,
+        netns=w.netns,
+        name=w.key,
+        addresses=list(w.workload_ips),
+        pin_dir=_capture_pin_dir(cfg),
+        outbound_port=li.outbound or capture.OUTBOUND_PORT,
+        inbound_port=li.inbound_plaintext or capture.INBOUND_PORT,
+        hbone_port=li.inbound,
+    )
+
+
+def _release_capture(rt: WorkloadRuntime) -> None:
+    """ztund lets go of a workload's capture; the pinned programs stay (fail closed)."""
+    if rt.capture is not None:
+        with contextlib.suppress(ZtunError, OSError):
+            rt.capture.release()
+        rt.capture = None
+
+
+def _capture_pin_dir(cfg: Config) -> str:
+    """Per node (bpffs names may not hold dots): two ztunds on one host keep apart."""
+    from ztun import capture
+
+    return f"{capture.DEFAULT_PIN_DIR}/{re.sub(r'[^A-Za-z0-9_-]', '_', cfg.node)}"
+
+
+def _sync_captures(cfg: Config) -> None:
+    """Release for good the pinned captures of workloads no longer captured here."""
+    want = {w.key for w in cfg.local_workloads() if w.capture}
+    try:
+        from ztun import capture
+
+        pin_dir = _capture_pin_dir(cfg)
+        pinned = capture.captured(pin_dir) if Path(pin_dir).exists() else []
+        stale = [n for n in pinned if n not in want]
+        if stale:
+            capture.uncapture(stale, pin_dir=pin_dir)
+            log.info("capture released (direct connections again): %s", ", ".join(stale))
+    except (ZtunError, OSError) as e:
+        log.error("capture: cannot release stale captures: %s", e)
 
 
 def _ns_of(spiffe_id: str | None) -> str | None:

@@ -149,7 +149,7 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
         f"{f}:16: workloads[0].forwards[1].to: no workload demo/nowhere in this config",
         f"{f}:17: workloads[0].forwards[2].port: port 15008 is reserved for ztund's own listener",
         f"{f}:21: workloads[1].workloadIps[1]: not an IP address: '300.1.2.3'",
-        f"{f}:27: workloads[2].capture: transparent capture is not available yet (issue 8)",
+        f"{f}:27: workloads[2].capture: capture needs the workload's cgroup (cgroup:)",
         f"{f}:23: workloads[2].netns: a local HBONE workload needs its network namespace path",
         f"{f}:28: policies[1]: {tmp_path / 'missing.yaml'}: no such file or folder",
         f"{tmp_path / 'policies' / 'p.yaml'}:5: spec.action: unknown action 'ALLOWED' "

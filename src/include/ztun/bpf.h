@@ -179,6 +179,96 @@ struct ztun_bpf_api {
 
 const struct ztun_bpf_api *ztun_bpf_api(void);
 
+/* ==================================================================== transparent capture
+ *
+ * (src/bpf/capture.c, ebpf/ztun_capture.bpf.c; docs/capture.md.) A captured workload is a
+ * cgroup v2 (its processes) and a network namespace (where ztun listens for it):
+ *   - its TCP connects are rewritten to ztun's outbound port in that namespace, which
+ *     learns the original destination with getsockopt(SO_ORIGINAL_DST /
+ *     IP6T_SO_ORIGINAL_DST), answered by a program on ztun's own cgroup;
+ *   - new TCP connections arriving in the namespace are steered (sk_lookup) to ztun's HBONE
+ *     listener (the HBONE port) or its plaintext listener (any other port), or refused
+ *     while ztun does not listen.
+ * With a pin directory every object outlives the process (fail closed: connects are
+ * refused while ztun is away; a restarted ztun takes the pinned programs over with
+ * bpf_link_update, without a gap); without one everything goes with the process.
+ *
+ * Threads: one control thread per handle.
+ */
+typedef struct ztun_capture ztun_capture;
+
+/* ztun_capture_workload.flags */
+#define ZTUN_CAPTURE_OUT4 0x1u /* capture IPv4 connects */
+#define ZTUN_CAPTURE_OUT6 0x2u /* capture IPv6 connects (and IPv4-mapped ones) */
+#define ZTUN_CAPTURE_IN 0x4u   /* steer inbound TCP to ztun (sk_lookup) */
+#define ZTUN_CAPTURE_ALL 0x7u
+
+/* Listener slots of a workload (ztun_capture_set_listener). */
+#define ZTUN_CAPTURE_LSN_HBONE4 0
+#define ZTUN_CAPTURE_LSN_HBONE6 1
+#define ZTUN_CAPTURE_LSN_PLAIN4 2
+#define ZTUN_CAPTURE_LSN_PLAIN6 3
+#define ZTUN_CAPTURE_NLSN 4
+
+#define ZTUN_CAPTURE_NAME_MAX 63 /* bytes of a workload name */
+#define ZTUN_CAPTURE_MAX_SKIP 64 /* excluded ports per direction */
+
+struct ztun_capture_config {
+	const char *pin_dir;       /* on a bpffs; NULL: nothing pinned */
+	const char *engine_cgroup; /* cgroup v2 of the process whose listeners ask for
+				    * SO_ORIGINAL_DST (ztun's); NULL: this process's */
+	uint32_t mark;             /* SO_MARK of ztun's sockets, never captured; 0: ZTUN_BPF_DEFAULT_MARK */
+	uint32_t max_conns;        /* original destinations remembered at once; 0: 65536 */
+	uint32_t max_workloads;    /* 0: 256 */
+	uint32_t reserved;
+};
+
+struct ztun_capture_workload {
+	const char *name;   /* unique key (registry, pins) */
+	const char *cgroup; /* cgroup v2 directory of its processes (descendants included) */
+	const char *netns;  /* its network namespace: /run/netns/<name>, /proc/<pid>/ns/net */
+	uint32_t flags;     /* ZTUN_CAPTURE_* */
+	uint16_t outbound_port; /* ztun's outbound listener in the namespace; 0: 15001 */
+	uint16_t hbone_port;    /* inbound port steered to the HBONE listener; 0: 15008 */
+	const uint16_t *skip_out; /* destination ports never captured */
+	int nskip_out;
+	const uint16_t *skip_in;  /* local ports never steered inbound */
+	int nskip_in;
+	int listen_fds[4]; /* ZTUN_CAPTURE_LSN_*: ztun's listening sockets in the namespace,
+			    * -1 for none (inbound to a missing one is refused) */
+};
+
+int ztun_capture_open(const struct ztun_capture_config *cfg, ztun_capture **out);
+/* Capture a workload (or take over its pinned capture after a restart). Listeners first,
+ * then the namespace's settings, then the programs: connects are never rewritten to a
+ * port that does not listen yet. Refuses a cgroup holding the engine's cgroup (a loop). */
+int ztun_capture_add(ztun_capture *c, const struct ztun_capture_workload *w);
+/* Replace one listener (fd -1: none). The socket must listen in the workload's namespace. */
+int ztun_capture_set_listener(ztun_capture *c, const char *name, unsigned which, int listen_fd);
+/* Stop capturing: detach and unpin its programs, forget its settings. The last one also
+ * removes the shared programs and pinned maps: nothing of capture is left. */
+int ztun_capture_remove(ztun_capture *c, const char *name);
+/* Names of captured workloads (also those pinned by an earlier process), one per line. */
+int ztun_capture_list(ztun_capture *c, char *buf, size_t len);
+int ztun_capture_stats(ztun_capture *c, uint64_t *out, size_t n);
+const char *ztun_capture_stat_name(unsigned idx);
+/* The engine's side of source preservation: before connect() to a captured app,
+ * setsockopt(fd, SOL_IP or SOL_IPV6, ZTUN_CAPTURE_SO_ORIGINAL_SRC, &client_sockaddr, len)
+ * makes the app's accept()/getpeername() show the client (a program on ztun's cgroup takes
+ * the call; without capture it fails with ENOPROTOOPT, harmless). */
+#define ZTUN_CAPTURE_SO_ORIGINAL_SRC 0x7a74
+
+/* What the last failing ztun_capture_* call of this thread did wrong (capture's own
+ * buffer: ztun_bpf_last_error() is the sockmap loader's). */
+const char *ztun_capture_last_error(void);
+/* The netns cookie of a network namespace path (what the programs key it by). */
+int ztun_capture_netns_cookie(const char *netns, uint64_t *cookie);
+/* Let go of the handle. Pinned objects stay (and keep capturing: fail closed); unpinned
+ * ones are detached. NULL is fine. */
+void ztun_capture_close(ztun_capture *c);
+
+#define ZTUN_CAPTURE_NSTATS 17
+
 #ifdef __cplusplus
 }
 #endif
