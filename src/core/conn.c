@@ -1030,6 +1030,7 @@ void zflow_connect(struct zworker *w, struct zflow *f, const struct sockaddr_sto
 		return;
 	}
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+	zflow_tag_source(f, fd);
 	up->fd = fd;
 	up->kind = EP_TCP;
 	if (f->l->mode != ZTUN_MODE_TLS_OUT) {
@@ -1187,12 +1188,25 @@ static void flow_begin(struct zworker *w, struct zflow *f)
 		zh2_open_outbound(w, f);
 		return;
 	default:
+		if (l->flags & ZTUN_LISTENER_ORIGINAL_DST) {
+			/* Inbound capture: connect to what the client dialled. */
+			int rc = zflow_inbound_dst(l, f->ep[0].fd, &f->dst);
+
+			if (rc < 0) {
+				f->sys_errno = rc == -ELOOP ? 0 : -rc;
+				zflow_set_detail(f, rc == -ELOOP
+							    ? "destination port is one of ztun's own (loop)"
+							    : "no original destination (not steered here)");
+				zflow_close(w, f, ZTUN_CLOSE_CONNECT_ERROR, END_RESET, END_RESET);
+				return;
+			}
+		}
 		if ((l->flags & ZTUN_LISTENER_POLICY) && !zflow_authorize(w, f)) {
 			zflow_close(w, f, ZTUN_CLOSE_POLICY_DENIED, END_RESET, END_RESET);
 			return;
 		}
 		zflow_set_state(f, FS_CONNECTING);
-		zflow_connect(w, f, &l->upstream);
+		zflow_connect(w, f, f->dst.ss_family ? &f->dst : &l->upstream);
 		return;
 	}
 }

@@ -197,6 +197,8 @@ void zsocks_on_readable(struct zworker *w, struct zflow *f);
 void zsocks_reply(struct zworker *w, struct zflow *f, int ok, int reason);
 /* Read the original destination of a captured connection. */
 int zflow_original_dst(int fd, struct sockaddr_storage *dst);
+int zflow_inbound_dst(const struct zlistener *l, int fd, struct sockaddr_storage *dst);
+void zflow_tag_source(const struct zflow *f, int fd);
 
 /* ---- hbone.c: HTTP/2 CONNECT streams ------------------------------------- */
 /* The relay put bytes into f->buf[d] (or saw EOF on ep[d]) for the stream at ep[!d]. */

@@ -210,6 +210,48 @@ int zflow_original_dst(int fd, struct sockaddr_storage *dst)
 	return 0;
 }
 
+/* The destination a client dialled, for a connection steered to a listener by sk_lookup
+ * or TPROXY (the accepted socket keeps it as its own address) or by REDIRECT (the socket's
+ * address is the listener's port: conntrack, or a cgroup/getsockopt program, knows it).
+ * -ELOOP for one of ztun's own ports. */
+int zflow_inbound_dst(const struct zlistener *l, int fd, struct sockaddr_storage *dst)
+{
+	socklen_t len = sizeof(*dst);
+	int rc;
+
+	memset(dst, 0, sizeof(*dst));
+	if (getsockname(fd, (struct sockaddr *)dst, &len) < 0)
+		return -errno;
+	if (port_of(dst) == port_of(&l->local)) {
+		rc = zflow_original_dst(fd, dst);
+		if (rc < 0)
+			return rc;
+	}
+	if (ztun_port(port_of(dst)))
+		return -ELOOP;
+	return 0;
+}
+
+/* A connection delivered to a local app for a client (inbound capture, HBONE inbound):
+ * name the client on the socket before connect(), so that capture's programs show it to
+ * the app (accept(), getpeername()). Without them nothing changes. */
+void zflow_tag_source(const struct zflow *f, int fd)
+{
+	socklen_t len;
+
+	if (!(f->l->mode == ZTUN_MODE_HBONE_IN ||
+	      (f->l->mode == ZTUN_MODE_FORWARD && (f->l->flags & ZTUN_LISTENER_ORIGINAL_DST))))
+		return;
+	if (f->src.ss_family == AF_INET6)
+		len = sizeof(struct sockaddr_in6);
+	else if (f->src.ss_family == AF_INET)
+		len = sizeof(struct sockaddr_in);
+	else
+		return;
+	(void)setsockopt(fd, f->dst.ss_family == AF_INET6 ? IPPROTO_IPV6 : IPPROTO_IP,
+			 ZTUN_CAPTURE_SO_ORIGINAL_SRC, &f->src, len); /* ENOPROTOOPT without capture */
+}
+
 /* ---- SOCKS5 (RFC 1928), CONNECT only, no authentication, IP literals only --------
  *
  * The engine never resolves names: a DOMAINNAME request is answered "address type
