@@ -216,6 +216,7 @@ static void flow_free(struct zflow *f)
 	}
 	ztun_tls_ctx_free(f->tls);
 	free(f->peer_id);
+	free(f->src_principal);
 	free(f->detail);
 	free(f->trace);
 	free(f->baggage);
@@ -856,6 +857,13 @@ static const struct sockaddr_storage *flow_policy_dst(const struct zflow *f)
 	return &f->l->upstream;
 }
 
+/* The source principal policy judges: the peer's verified identity, unless the flow
+ * carries its own (a local route, where peer_id names the destination). */
+static const char *flow_principal(const struct zflow *f)
+{
+	return f->src_principal ? f->src_principal : f->peer_id;
+}
+
 /* The facts policy sees (ConnectionFacts in ztun/policy.py) and the verdict. No
  * allocation: everything is read from the flow, its listener and the table. */
 static int flow_eval(struct zflow *f, const struct zpolicy *p, uint16_t flags,
@@ -868,8 +876,8 @@ static int flow_eval(struct zflow *f, const struct zpolicy *p, uint16_t flags,
 	addr_ip16(&f->src, c.src_ip, &port);
 	addr_ip16(flow_policy_dst(f), c.dst_ip, &c.dst_port);
 	c.flags = flags;
-	c.peer_id = f->peer_id;
-	c.peer_id_len = f->peer_id ? strlen(f->peer_id) : 0;
+	c.peer_id = flow_principal(f);
+	c.peer_id_len = c.peer_id ? strlen(c.peer_id) : 0;
 	c.dst_workload = -1;
 	if (l->mode == ZTUN_MODE_HBONE_IN || f->local_route) {
 		int r = ztun_policy_find_workload(p->table, c.dst_ip);
@@ -945,8 +953,8 @@ int zflow_authorize(struct zworker *w, struct zflow *f)
 				 "enforced verdict: %s by %s (table %u)",
 				 (unsigned long long)f->id, policy_label(p, v.dry_run_policy),
 				 v.dry_run_allow ? "allow" : "deny", addr_str(&f->src, src, sizeof(src)),
-				 f->peer_id ? f->peer_id : "no identity", v.allow ? "allow" : "deny",
-				 policy_label(p, v.policy), p->gen);
+				 flow_principal(f) ? flow_principal(f) : "no identity",
+				 v.allow ? "allow" : "deny", policy_label(p, v.policy), p->gen);
 	}
 	if (!v.allow) {
 		zflow_set_detail(f, v.policy >= 0 ? "denied by policy"
@@ -1400,7 +1408,7 @@ void zflow_recheck_policy(struct zworker *w)
 				 "conn %llu: closed by a policy change: peer %s (%s) to %s now denied by %s "
 				 "(table %u)",
 				 (unsigned long long)f->id, addr_str(&f->src, src, sizeof(src)),
-				 f->peer_id ? f->peer_id : "no identity",
+				 flow_principal(f) ? flow_principal(f) : "no identity",
 				 addr_str(flow_policy_dst(f), dst, sizeof(dst)),
 				 rc == 0 ? policy_label(p, v.policy) : "(evaluation error)", p->gen);
 		zflow_set_detail(f, "denied by a policy change");

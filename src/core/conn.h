@@ -110,6 +110,8 @@ struct zflow {
 	struct sockaddr_storage src; /* downstream peer */
 	struct sockaddr_storage dst; /* upstream address */
 	char *peer_id;           /* verified SPIFFE ID of the peer (either side), malloc'd */
+	char *src_principal;     /* policy's source principal when it is not peer_id (a local
+				  * route: ours, while peer_id names the destination), malloc'd */
 	char *detail;            /* why it failed, malloc'd */
 	int32_t policy;          /* deciding policy index, -1 */
 	int32_t policy_rule;

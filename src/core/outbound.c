@@ -158,16 +158,25 @@ void zflow_route(struct zworker *w, struct zflow *f, const struct sockaddr_stora
 	}
 	if ((ent->flags & ZTUN_DIR_LOCAL) && w->e->bpf && f->l->tls) {
 		/* Same node: both identities are known here (ours is the source's), so
-		 * policy is decided now; then a plain connection the kernel shortcuts. */
-		zdir_put(d);
+		 * policy is decided now; then a plain connection the kernel shortcuts.
+		 * Policy judges our identity as the source principal; the events and the
+		 * access log name the destination's, as for an HBONE route. */
 		f->local_route = 1;
+		if (!f->peer_id && ent->expect->n > 0)
+			f->peer_id = strdup(ent->expect->ids[0]);
+		zdir_put(d); /* ent is not used after this */
 		if (!f->tls) {
 			pthread_mutex_lock(&f->l->tls_lock);
 			f->tls = ztun_tls_ctx_ref(f->l->tls);
 			pthread_mutex_unlock(&f->l->tls_lock);
 		}
-		if (!f->peer_id)
-			f->peer_id = strdup(ztun_tls_ctx_identity(f->tls));
+		free(f->src_principal);
+		f->src_principal = strdup(ztun_tls_ctx_identity(f->tls));
+		if (!f->src_principal || !f->peer_id) {
+			zflow_set_detail(f, "out of memory");
+			zflow_close(w, f, ZTUN_CLOSE_NO_MEMORY, END_RESET, END_RESET);
+			return;
+		}
 		if (!zflow_authorize(w, f)) {
 			zflow_close(w, f, ZTUN_CLOSE_POLICY_DENIED, END_RESET, END_RESET);
 			return;
