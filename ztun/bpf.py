@@ -26,6 +26,7 @@ Typical use (the daemon does this; the engine gets :meth:`SockmapAccelerator.eng
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -41,6 +42,7 @@ from ztun.errors import BpfError
 __all__ = [
     "DEFAULT_MARK",
     "DEFAULT_PIN_ROOT",
+    "MARK_LOCK_DIR",
     "MIN_KERNEL",
     "Accelerator",
     "BpfStatus",
@@ -56,6 +58,8 @@ __all__ = [
     "find_mount",
     "log_unavailable_once",
     "own_cgroup",
+    "release_shared",
+    "shared_accelerator",
     "status",
 ]
 
@@ -63,6 +67,10 @@ log = logging.getLogger(__name__)
 
 #: SO_MARK ztun sets on its own outgoing sockets unless configured otherwise ("zt").
 DEFAULT_MARK = 0x7A74
+#: Lock files that hand out distinct marks to this host's accelerators (see _MarkLease).
+MARK_LOCK_DIR = "/run/ztun/sockmap-marks"
+#: Marks other than the default: DEFAULT_MARK in the low 16 bits, a slot 1..n above.
+_MARK_SLOTS = 255
 #: Where pinned objects live (one directory per accelerator below it).
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/ztun"
 #: bpf_rdonly_cast (6.2) lets the programs read the peer sockets' state; older kernels are
@@ -388,6 +396,47 @@ def _fd(sock: _Sock | int) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
 
+class _MarkLease:
+    """A mark no other live accelerator on this host uses, held as a flock.
+
+    Every accelerator's sock_ops takes the marked sockets of its own mark, and a socket can
+    join one sockhash only: two accelerators whose cgroups overlap (the same cgroup, or one
+    inside the other) must mark differently, or one takes the other's sockets and the
+    other never pairs. Slot 0 is DEFAULT_MARK (what Capture skips by default); slot k is
+    ``k << 16 | DEFAULT_MARK``. The lock is an flock on ``MARK_LOCK_DIR/<k>``: it goes
+    with the process (also when killed), is held per open file (a forked child does not
+    take its parent's slot) and needs no daemon. Accelerators in another mount namespace
+    see other lock files; they must pass distinct marks themselves."""
+
+    def __init__(self) -> None:
+        self.mark = DEFAULT_MARK
+        self._fd = -1
+        try:
+            os.makedirs(MARK_LOCK_DIR, mode=0o700, exist_ok=True)
+        except OSError as e:
+            log.warning(
+                "cannot create %s (%s): eBPF mark %#x unchecked", MARK_LOCK_DIR, e, DEFAULT_MARK
+            )
+            return
+        for k in range(_MARK_SLOTS + 1):
+            path = os.path.join(MARK_LOCK_DIR, str(k))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self.mark = (k << 16) | DEFAULT_MARK
+            self._fd = fd
+            return
+        raise BpfError(f"no free eBPF mark: {_MARK_SLOTS + 1} accelerators on this host")
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class SockmapAccelerator:
     """ztun's sockmap programs, attached to one cgroup v2 for as long as this object lives.
 
@@ -397,6 +446,10 @@ class SockmapAccelerator:
     (0: the host's net.ipv4.tcp_rmem[2]; never less than its SO_RCVBUF, and only that
     under TCP memory pressure);
     beyond that senders fall back to TCP, which has backpressure.
+    ``mark``: SO_MARK of ztun's outgoing sockets; 0 (default): one no other live
+    accelerator of this host uses (:data:`DEFAULT_MARK` when it is free, else
+    ``k << 16 | DEFAULT_MARK``), so that accelerators on overlapping cgroups never take
+    each other's sockets. Within one process, prefer :func:`shared_accelerator`.
     ``pin_dir``: pin maps and links there (they then survive this process: for a restart
     that keeps connections; :func:`cleanup` removes them).
 
@@ -420,7 +473,12 @@ class SockmapAccelerator:
         pin_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._ffi, self._lib = _load()
+        self._h: Any = self._ffi.NULL
         self.cgroup = Path(cgroup) if cgroup is not None else own_cgroup()
+        self._lease: _MarkLease | None = None
+        if not mark:
+            self._lease = _MarkLease()
+            mark = self._lease.mark
         cfg = self._ffi.new("struct ztun_bpf_config *")
         cfg.flags = (
             (0 if hop else self._lib.ZTUN_BPF_F_NO_HOP)
@@ -433,8 +491,12 @@ class SockmapAccelerator:
         cfg.max_sockets = max_sockets
         cfg.max_pairs = max_pairs
         hp = self._ffi.new("ztun_bpf **")
-        _check(self._lib.ztun_bpf_open(cfg, hp), "load eBPF programs")
-        self._h: Any = hp[0]
+        try:
+            _check(self._lib.ztun_bpf_open(cfg, hp), "load eBPF programs")
+        except BaseException:
+            self._release_mark()
+            raise
+        self._h = hp[0]
         try:
             _check(
                 self._lib.ztun_bpf_attach_cgroup(self._h, os.fsencode(self.cgroup)),
@@ -447,6 +509,7 @@ class SockmapAccelerator:
         except BaseException:
             self._lib.ztun_bpf_close(self._h)
             self._h = self._ffi.NULL
+            self._release_mark()
             _drain_log()
             raise
         with _mod.lock:
@@ -476,10 +539,16 @@ class SockmapAccelerator:
             return
         self._lib.ztun_bpf_close(self._h)
         self._h = self._ffi.NULL
+        self._release_mark()  # only now: the programs that used it are detached
         with _mod.lock:
             _mod.active -= 1
         _drain_log()
         log.info("eBPF sockmap detached from %s", self.cgroup)
+
+    def _release_mark(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     def __enter__(self) -> SockmapAccelerator:
         return self
@@ -566,6 +635,54 @@ class SockmapAccelerator:
 
 
 Accelerator = SockmapAccelerator
+
+
+# --------------------------------------------------------------------------- shared
+
+
+@dataclass
+class _Shared:
+    acc: SockmapAccelerator
+    pid: int
+    refs: int
+
+
+_shared: dict[Path, _Shared] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_accelerator(cgroup: str | os.PathLike[str] | None = None) -> SockmapAccelerator:
+    """This process's accelerator on ``cgroup`` (default: its own), opened on first use and
+    shared by every caller until each has called :func:`release_shared`.
+
+    Accelerated Tunnels of one process share it: one set of programs sees all their
+    sockets, so each engine's ``pair_add`` finds its own (pairs are per engine: their ids
+    and busy flags are separate). A forked child never reuses its parent's: pair slots are
+    allocated in process memory."""
+    path = Path(cgroup) if cgroup is not None else own_cgroup()
+    with _shared_lock:
+        s = _shared.get(path)
+        if s is not None and s.pid == os.getpid() and not s.acc.closed:
+            s.refs += 1
+            return s.acc
+        acc = SockmapAccelerator(path)
+        _shared[path] = _Shared(acc, os.getpid(), 1)
+        return acc
+
+
+def release_shared(acc: SockmapAccelerator) -> None:
+    """Drop one reference taken with :func:`shared_accelerator`; the last one closes it.
+    Call it only once the engine that used it has stopped."""
+    with _shared_lock:
+        s = _shared.get(acc.cgroup)
+        if s is None or s.acc is not acc:
+            acc.close()  # not (or no longer) the shared one: it was the caller's alone
+            return
+        s.refs -= 1
+        if s.refs > 0:
+            return
+        del _shared[acc.cgroup]
+    acc.close()
 
 
 # --------------------------------------------------------------------------- cleanup

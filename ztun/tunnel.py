@@ -416,12 +416,15 @@ class Tunnel(MeshMixin):
                 raise BpfError(f"accelerate: eBPF acceleration is not available: {why}")
             bpf.log_unavailable_once(log)
             return
-        acc = bpf.SockmapAccelerator()
+        # One accelerator per process and cgroup, shared by its accelerated Tunnels: two
+        # accelerators on one cgroup would each claim the sockets of the other's mark
+        # (and across processes, SockmapAccelerator gives each its own mark).
+        acc = bpf.shared_accelerator()
         try:
             handle, api = acc.engine_handle()
             engine.set_bpf(handle, api)
         except BaseException:
-            acc.close()
+            bpf.release_shared(acc)
             raise
         self._accelerator = acc
         log.info("eBPF acceleration on (cgroup %s)", acc.cgroup)
@@ -449,7 +452,9 @@ class Tunnel(MeshMixin):
         engine.close()
         if self._accelerator is not None:
             # Only now: the engine's workers no longer call into it.
-            self._accelerator.close()
+            from ztun import bpf
+
+            bpf.release_shared(self._accelerator)
             self._accelerator = None
         with self._lock:
             self._engine = None

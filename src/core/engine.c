@@ -703,14 +703,34 @@ out:
 	return rc;
 }
 
+/* Listening sockets stop accepting (new connections are refused), even if the engine's
+ * memory is released later. Their ports leave the accelerator, which other engines of
+ * the process may go on sharing. */
+static void listeners_stop(ztun_engine *e)
+{
+	pthread_mutex_lock(&e->lock);
+	for (int i = 0; i < e->nlisteners; i++) {
+		if (e->listeners[i]->fd < 0)
+			continue;
+		if (e->bpf)
+			e->bpf_api->del_listener(e->bpf, e->listeners[i]->fd);
+		shutdown(e->listeners[i]->fd, SHUT_RDWR);
+	}
+	pthread_mutex_unlock(&e->lock);
+}
+
 int ztun_engine_stop(ztun_engine *e, uint32_t drain_ms)
 {
 	struct zcmd stop = {.type = CMD_STOP, .u.drain_ms = drain_ms};
+	int was;
 
 	pthread_mutex_lock(&e->lock);
 	if (e->state != 1) {
+		was = e->state;
 		e->state = 2;
 		pthread_mutex_unlock(&e->lock);
+		if (was == 0)
+			listeners_stop(e); /* never started: its listeners still hold ports */
 		return 0;
 	}
 	e->state = 2;
@@ -723,14 +743,7 @@ int ztun_engine_stop(ztun_engine *e, uint32_t drain_ms)
 			e->workers[i].started = 0;
 		}
 	}
-	/* Listening sockets stop accepting now (new connections are refused), even
-	 * if the engine's memory is released later. */
-	pthread_mutex_lock(&e->lock);
-	for (int i = 0; i < e->nlisteners; i++) {
-		if (e->listeners[i]->fd >= 0)
-			shutdown(e->listeners[i]->fd, SHUT_RDWR);
-	}
-	pthread_mutex_unlock(&e->lock);
+	listeners_stop(e);
 	/* Wake any event consumer so it sees the final records. */
 	atomic_store(&e->ev_armed, 1);
 	if (e->nworkers)
