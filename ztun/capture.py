@@ -627,8 +627,10 @@ class Capture:
     def accelerate(self, acc: bpf.SockmapAccelerator) -> None:
         """Let ``acc`` (its cgroup must hold the workload's and ztun's processes) carry the
         loopback hop from the workload's apps to ztun's outbound listener socket to socket
-        (docs/sockmap.md). The same-node shortcut between two captured workloads is the
-        engine's to take (pair_add) once it relays both ends; this names the hop it needs."""
+        (docs/sockmap.md), for a Tunnel that does not use ``acc`` itself. For the same-node
+        shortcut, give the accelerator to the Tunnel instead (``Tunnel(accelerate=acc)``):
+        its engine then registers the listeners itself, and pairs a captured connection to
+        a local directory entry (``Destination(ip, id, local=True)``) app to app."""
         for s in (self.listeners.outbound4, self.listeners.outbound6):
             if s is not None and s.fileno() >= 0:
                 acc.add_listener(s)

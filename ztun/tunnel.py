@@ -54,6 +54,7 @@ from ztun.policy import ConnectionFacts, Decision, PolicySet, Reason, Workload
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from ztun.bpf import SockmapAccelerator
     from ztun.rotation import IdentityManager
 
 __all__ = [
@@ -270,6 +271,12 @@ class Tunnel(MeshMixin):
             a full handshake; see docs/performance.md for the figures).
         chacha20: also offer TLS_CHACHA20_POLY1305_SHA256.
         access_log: log one line per finished connection on the ``ztun.access`` logger.
+        accelerate: the eBPF sockmap shortcut (docs/sockmap.md §7). True: on, attached
+            to this process's cgroup (one accelerator per process and cgroup, shared by
+            its Tunnels); None: on when available; or a
+            :class:`~ztun.bpf.SockmapAccelerator` of the caller's, on a cgroup that holds
+            the apps and this process (captured workloads: docs/capture.md), which must
+            stay open until this Tunnel is closed.
         policies: authorization policy for the connections ``listen()`` ports (and
             ``forward(..., policy=True)`` ports) accept: a :class:`~ztun.policy.PolicySet`,
             Istio AuthorizationPolicy YAML text, or YAML files/folders as path objects.
@@ -295,7 +302,7 @@ class Tunnel(MeshMixin):
         resumption: bool = True,
         chacha20: bool = False,
         access_log: bool = True,
-        accelerate: bool | None = False,
+        accelerate: bool | SockmapAccelerator | None = False,
         policies: PolicyInput | None = None,
         workload: Workload | None = None,
         workloads: Sequence[Workload] = (),
@@ -334,7 +341,13 @@ class Tunnel(MeshMixin):
         )
         self._access_log = access_log
         if accelerate not in (None, True, False):
-            raise _bad("accelerate", f"expected True, False or None (auto), got {accelerate!r}")
+            from ztun import bpf
+
+            if not isinstance(accelerate, bpf.SockmapAccelerator):
+                raise _bad(
+                    "accelerate",
+                    f"expected True, False, None (auto) or a SockmapAccelerator: {accelerate!r}",
+                )
         self._accelerate = accelerate
         self._accelerator: Any = None
         if workload is not None and not isinstance(workload, Workload):
@@ -410,6 +423,13 @@ class Tunnel(MeshMixin):
             return
         from ztun import bpf
 
+        if isinstance(self._accelerate, bpf.SockmapAccelerator):
+            # The caller's (e.g. on the parent cgroup of captured workloads): not ours to close.
+            handle, api = self._accelerate.engine_handle()
+            engine.set_bpf(handle, api)
+            self._accelerator = self._accelerate
+            log.info("eBPF acceleration on (the caller's, cgroup %s)", self._accelerate.cgroup)
+            return
         ok, why = bpf.available()
         if not ok:
             if self._accelerate:
@@ -454,7 +474,8 @@ class Tunnel(MeshMixin):
             # Only now: the engine's workers no longer call into it.
             from ztun import bpf
 
-            bpf.release_shared(self._accelerator)
+            if self._accelerator is not self._accelerate:
+                bpf.release_shared(self._accelerator)
             self._accelerator = None
         with self._lock:
             self._engine = None
