@@ -1448,8 +1448,23 @@ def bpf() -> None:
 
 
 @bpf.command("cleanup")
-def bpf_cleanup() -> None:
-    """Detach and unpin every ztun eBPF program and map (restores direct connectivity)."""
+@click.option(
+    "--cgroup-root",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Only detach programs on cgroups under this path (default: the whole host).",
+)
+@click.option(
+    "--pin-root",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Pin directory to remove (default: ztun's, /sys/fs/bpf/ztun; none with --cgroup-root).",
+)
+def bpf_cleanup(cgroup_root: str | None, pin_root: str | None) -> None:
+    """Detach and unpin every ztun eBPF program and map (restores direct connectivity).
+
+    Without --cgroup-root it detaches the programs of every ztun on the host, running
+    ones included."""
     try:
         import importlib
 
@@ -1462,11 +1477,16 @@ def bpf_cleanup() -> None:
         click.echo("this build's ztun.bpf has no cleanup()", err=True)
         raise SystemExit(1)
     try:
-        result = fn()
+        kw: dict[str, Any] = {"cgroup_root": cgroup_root}
+        if pin_root is not None or cgroup_root is not None:
+            kw["pin_root"] = pin_root  # scoped: pins only when named
+        result = fn(**kw)
     except ZtunError as e:
         click.echo(f"cleanup failed: {e}", err=True)
         raise SystemExit(1) from None
-    click.echo(f"cleaned up{': ' + str(result) if result else ''}")
+    for line in result or []:
+        click.echo(line)
+    click.echo(f"cleaned up: {len(result or [])} object(s) removed")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

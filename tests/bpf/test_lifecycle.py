@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -179,6 +180,29 @@ def test_cleanup_detaches_a_running_loader(procs: Procs, joined_cgroup: Path) ->
     removed = bpf.cleanup(None, cgroup_root=joined_cgroup)
     assert len([r for r in removed if r.startswith("detach link")]) == 2, removed
     assert cgroup_attachments(joined_cgroup) == []
+    procs.stop(p)
+    assert wait_gone(mine) == {"progs": set(), "maps": set(), "links": set()}
+
+
+def test_ztund_bpf_cleanup_scoped_to_a_cgroup(procs: Procs, joined_cgroup: Path) -> None:
+    """The command line: `ztund bpf cleanup --cgroup-root` detaches the loader in that
+    cgroup, names what it removed, and leaves everything else alone."""
+    p = procs.start(sys.executable, "-c", _loader_script(joined_cgroup, ""))
+    mine = ours(joined_cgroup)
+    others = {a.get("id") for a in cgroup_attachments(joined_cgroup.parent)}
+    cp = subprocess.run(
+        [sys.executable, "-m", "ztun", "bpf", "cleanup", "--cgroup-root", str(joined_cgroup)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cp.returncode == 0, cp.stderr
+    lines = cp.stdout.splitlines()
+    assert len([ln for ln in lines if ln.startswith("detach link")]) == 2, lines
+    assert lines[-1] == "cleaned up: 2 object(s) removed", lines
+    assert cgroup_attachments(joined_cgroup) == []
+    assert {a.get("id") for a in cgroup_attachments(joined_cgroup.parent)} == others
     procs.stop(p)
     assert wait_gone(mine) == {"progs": set(), "maps": set(), "links": set()}
 

@@ -253,16 +253,10 @@ def test_version_and_run_with_a_bad_file(tmp_path: Path) -> None:
     assert "listeners.admin: port must be 0..65535" in r.stderr
 
 
-def test_bpf_cleanup_without_support_says_why() -> None:
-    import importlib.util
-
-    r = ztund("bpf", "cleanup")
-    if importlib.util.find_spec("ztun.bpf") is None:
-        assert r.returncode == 1
-        assert "not available in this build" in r.stderr
-    else:  # the eBPF branch is merged: the command runs its cleanup()
-        assert r.returncode in (0, 1), r.stderr
-        assert r.stdout or r.stderr
+def test_bpf_cleanup_rejects_a_missing_cgroup_root(tmp_path: Path) -> None:
+    r = ztund("bpf", "cleanup", "--cgroup-root", str(tmp_path / "nope"))
+    assert r.returncode == 2, r
+    assert "--cgroup-root" in r.stderr and "does not exist" in r.stderr, r.stderr
 
 
 def test_log_formats() -> None:
