@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import APPS, cap_objects, last_json, wait_no_capture
+from capture_rig import APPS, cap_objects, last_json, wait_no_capture
 from harness.cgroup import Cgroup
 
 from ztun import bpf, capture

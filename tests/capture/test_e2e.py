@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pcap
 import pytest
-from conftest import Mesh
+from capture_rig import Mesh
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf]
 

@@ -6,7 +6,7 @@ no identity, so only address and port rules can allow it."""
 from __future__ import annotations
 
 import pytest
-from conftest import EngineFeatures, Mesh, need_engine_inbound
+from capture_rig import EngineFeatures, Mesh, need_engine_inbound
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf]
 

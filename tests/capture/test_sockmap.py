@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import TRUST_DOMAIN, Mesh, Side
+from capture_rig import TRUST_DOMAIN, Mesh, Side
 from harness.caps import in_ci
 from harness.cgroup import Cgroup
 from harness.netns import Node

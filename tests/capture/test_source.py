@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import EngineFeatures, Mesh, Side, need_engine_source
+from capture_rig import EngineFeatures, Mesh, Side, need_engine_source
 from harness.cgroup import Cgroup
 from harness.netns import Node
 

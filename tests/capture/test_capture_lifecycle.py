@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Mesh, cap_objects, wait_no_capture
+from capture_rig import Mesh, cap_objects, wait_no_capture
 
 from ztun import bpf, capture
 
