@@ -165,12 +165,13 @@ static __always_inline int port_skipped(__u64 netns, __u16 port, __u8 dir)
 	return bpf_map_lookup_elem(&ztun_cap_skip, &k) != NULL;
 }
 
-/* ztun's own sockets opt out with their mark, even inside a captured cgroup. */
+/* ztun's own sockets opt out with their mark, even inside a captured cgroup. The low 16
+ * bits only: each live sockmap accelerator marks k << 16 | 0x7a74 (docs/sockmap.md §7). */
 static __always_inline int is_ztun_socket(struct bpf_sock_addr *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 
-	return ztun_mark && sk && sk->mark == ztun_mark;
+	return ztun_mark && sk && (sk->mark & 0xffff) == (ztun_mark & 0xffff);
 }
 
 /* ------------------------------------------------------------------ outbound */
