@@ -186,7 +186,11 @@ void zflow_close(struct zworker *w, struct zflow *f, int reason, int down_how, i
 			SSL_shutdown(ep->ssl); /* best effort close_notify */
 			ep->notify_sent = 1;
 		}
-		zep_close(ep, how == END_RESET);
+		if (how == END_GRACEFUL &&
+		    (reason == ZTUN_CLOSE_TLS_ERROR || reason == ZTUN_CLOSE_POLICY_DENIED))
+			zep_close_lingering(ep); /* the refused peer reads why before any RST */
+		else
+			zep_close(ep, how == END_RESET);
 	}
 
 	for (int d = 0; d < 2; d++) {

@@ -149,6 +149,9 @@ void zep_close(struct zep *ep, int reset);
 int zsock_error(int fd);
 /* SO_LINGER {1,0} now, {0,0} again before a graceful close (zep_close). */
 void zep_linger_reset(struct zep *ep);
+void zep_close_lingering(struct zep *ep);
+void zlinger_on_event(struct zworker *w, struct ztag *tag);
+void zlinger_tick(struct zworker *w, int all);
 void zep_detail(struct zep *ep, const char *s);
 int zep_tls_attach(struct zep *ep);
 int zep_flush(struct zep *ep);

@@ -440,6 +440,7 @@ static void worker_tick(struct zworker *w)
 	}
 	zflow_tick(w);
 	zh2_tick(w);
+	zlinger_tick(w, 0);
 	if (w->nflows == 0)
 		zpool_trim(&w->pool);
 }
@@ -489,6 +490,9 @@ static void *worker_main(void *arg)
 			case TAG_H2:
 				zh2_on_event(w, tag, evs[i].events);
 				break;
+			case TAG_LINGER:
+				zlinger_on_event(w, tag);
+				break;
 			default:
 				zflow_on_event(w, tag, evs[i].events);
 				break;
@@ -522,6 +526,7 @@ static void *worker_main(void *arg)
 			}
 		}
 	}
+	zlinger_tick(w, 1);
 	/* Commands that raced with the stop: refuse them, and every later one, so no
 	 * caller hangs. */
 	pthread_mutex_lock(&w->qlock);
@@ -560,6 +565,7 @@ static int worker_init(struct ztun_engine *e, struct zworker *w, int idx)
 	zlist_init(&w->h2s);
 	zlist_init(&w->h2dirty);
 	zlist_init(&w->h2zombies);
+	zlist_init(&w->lingers);
 	w->scratch = malloc(ZTUN_SCRATCH_BYTES);
 	if (!w->scratch)
 		return ZTUN_ENOMEM;

@@ -20,7 +20,7 @@
 #define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
 
 /* Every epoll registration points at a tag saying what it is. */
-enum ztag_kind { TAG_LISTENER = 1, TAG_CMD, TAG_EP, TAG_H2 };
+enum ztag_kind { TAG_LISTENER = 1, TAG_CMD, TAG_EP, TAG_H2, TAG_LINGER };
 struct ztag {
 	uint8_t kind;
 };
@@ -187,6 +187,8 @@ struct zworker {
 	struct zlist again;   /* flows with work left after their time slice */
 	struct zlist zombies; /* closed flows, freed after the epoll batch */
 	uint32_t nflows;
+	struct zlist lingers;   /* refused sockets read until the peer closes (sockio.c) */
+	uint32_t nlingers;
 	struct zlist h2s;       /* HTTP/2 connections (hbone.c) */
 	struct zlist h2dirty;   /* ... with output to produce */
 	struct zlist h2zombies; /* ... closed, freed after the batch */

@@ -85,6 +85,119 @@ void zep_close(struct zep *ep, int reset)
 	}
 }
 
+/* ---- lingering close after a refusal ---------------------------------------
+ *
+ * A refused peer (a TLS alert, or close_notify after a policy denial) may already be
+ * sending what it wrote right behind its handshake. Closing with that input unread, or
+ * with more of it still arriving, makes the kernel answer with an RST that can overtake
+ * the alert and throw it away at the peer, which then sees "connection reset" instead of
+ * the reason. So the socket stays open, write side shut, and whatever arrives is read and
+ * dropped until the peer closes, ZTUN_LINGER_NS passes, or ZTUN_LINGER_BYTES arrived. */
+#define ZTUN_LINGER_NS (2ull * 1000 * 1000 * 1000)
+#define ZTUN_LINGER_MAX 1024             /* per worker; beyond it, close at once */
+#define ZTUN_LINGER_BYTES (1u << 20)
+
+struct zlinger {
+	struct ztag tag;
+	int fd;
+	uint32_t bytes;
+	uint64_t deadline;
+	struct zlist link;
+};
+
+static void linger_end(struct zworker *w, struct zlinger *lg)
+{
+	epoll_ctl(w->epfd, EPOLL_CTL_DEL, lg->fd, NULL);
+	close(lg->fd);
+	zlist_del(&lg->link);
+	w->nlingers--;
+	free(lg);
+}
+
+/* 1 when the lingering socket is done (peer closed, error, or too much input). */
+static int linger_drain(struct zlinger *lg)
+{
+	char sink[16384];
+
+	for (;;) {
+		ssize_t r = recv(lg->fd, sink, sizeof(sink), MSG_DONTWAIT);
+
+		if (r > 0) {
+			lg->bytes += (uint32_t)r;
+			if (lg->bytes >= ZTUN_LINGER_BYTES)
+				return 1;
+			continue;
+		}
+		if (r < 0 && (errno == EAGAIN || errno == EINTR))
+			return 0;
+		return 1;
+	}
+}
+
+void zep_close_lingering(struct zep *ep)
+{
+	struct zworker *w = ep->w;
+	struct zlinger *lg;
+	struct epoll_event ev;
+
+	if (ep->fd < 0 || ep->rd_eof || !w || w->stopping || w->nlingers >= ZTUN_LINGER_MAX ||
+	    !(lg = calloc(1, sizeof(*lg)))) {
+		zep_close(ep, 0);
+		return;
+	}
+	if (ep->tx) {
+		zep_flush(ep); /* the alert or close_notify */
+		zpool_put(&w->pool, ep->tx);
+		ep->tx = NULL;
+	}
+	if (ep->ssl) {
+		SSL_free(ep->ssl);
+		ep->ssl = NULL;
+	}
+	if (ep->lingered) {
+		struct linger l0 = {0, 0};
+
+		setsockopt(ep->fd, SOL_SOCKET, SO_LINGER, &l0, sizeof(l0));
+	}
+	shutdown(ep->fd, SHUT_WR);
+	lg->tag.kind = TAG_LINGER;
+	lg->fd = ep->fd;
+	lg->deadline = w->now + ZTUN_LINGER_NS;
+	ev.events = EPOLLIN | EPOLLRDHUP | EPOLLET;
+	ev.data.ptr = &lg->tag;
+	if (epoll_ctl(w->epfd, EPOLL_CTL_MOD, ep->fd, &ev) < 0) {
+		free(lg);
+		zep_close(ep, 0);
+		return;
+	}
+	ep->fd = -1;
+	zlist_add_tail(&w->lingers, &lg->link);
+	w->nlingers++;
+	if (linger_drain(lg))
+		linger_end(w, lg);
+}
+
+void zlinger_on_event(struct zworker *w, struct ztag *tag)
+{
+	struct zlinger *lg = container_of(tag, struct zlinger, tag);
+
+	if (linger_drain(lg))
+		linger_end(w, lg);
+}
+
+/* Close the lingering sockets whose time is up (all of them when the engine stops). They
+ * were added with one fixed timeout, so the list is in deadline order. */
+void zlinger_tick(struct zworker *w, int all)
+{
+	while (!zlist_empty(&w->lingers)) {
+		struct zlinger *lg = container_of(w->lingers.next, struct zlinger, link);
+
+		if (!all && lg->deadline > w->now)
+			break;
+		linger_end(w, lg);
+	}
+}
+
 void zep_linger_reset(struct zep *ep)
 {
 	struct linger lg = {.l_onoff = 1, .l_linger = 0};

@@ -438,13 +438,10 @@ def test_forward_to_a_server_that_refuses_us(env: Env) -> None:
     assert env.echo.accepted == 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="engine issue (race, ~2 % under load): a listener that refuses a client closes "
-    "the socket with the client's first data unread, so the kernel sends an RST that can "
-    "overtake the alert; the forward then reports reset_by_upstream with no detail",
-)
 def test_refusal_alert_survives_a_client_that_sends_at_once(env: Env) -> None:
+    """The client sends right behind its handshake; the listener refuses it. Without the
+    lingering close (sockio.c) the unread data made the kernel answer with an RST that could
+    overtake the alert (4 of 12 runs under load lost one or two of 600 to reset_by_upstream)."""
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
 
@@ -455,7 +452,12 @@ def test_refusal_alert_survives_a_client_that_sends_at_once(env: Env) -> None:
     fwd = tc.forward(("127.0.0.1", 0), lst.address, expect=[SERVER_ID])
 
     def one(_: int) -> None:
-        with connect(fwd.address) as app:
+        # Under load the refusal (a reset of the app) can land before connect() returns.
+        try:
+            app = connect(fwd.address)
+        except ConnectionResetError:
+            return
+        with app:
             outcome(lambda: app.sendall(b"hello" * 100))  # right behind the handshake
             outcome(lambda: app.recv(10))
 
