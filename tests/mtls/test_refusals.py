@@ -23,6 +23,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from typing import Any
 
 import pytest
@@ -221,6 +222,32 @@ def test_plaintext_on_the_mtls_port_refused(kind: str, data: bytes, env: Env) ->
     # Whatever comes back is not the backend's answer (the echo would return the request).
     assert not (isinstance(got, bytes) and data[:16] in got), got
     assert env.echo.accepted == 0
+
+
+@pytest.mark.parametrize("flood", [False, True], ids=["keeps-open", "keeps-sending"])
+def test_refused_peer_is_let_go(flood: bool, env: Env) -> None:
+    """After a refusal ztun reads (and drops) what the peer still sends until it closes,
+    with bounds: a peer that keeps its socket open, or keeps sending, is closed for good
+    (its writes then fail) instead of holding the listener's socket forever."""
+    _t, events, lst = _listen(env)
+    with connect(lst.address) as s:
+        s.sendall(GARBAGE_BYTES)
+        got = b""
+        while chunk := s.recv(4096):  # EOF at once: the write side is shut
+            got += chunk
+        assert got == b"" or got[:1] == b"\x15", got  # nothing, or a TLS alert record
+        (ev,) = events.wait_closes(1, lst.id)
+        assert ev.reason == "tls_error"
+        deadline = time.monotonic() + 20
+        err: OSError | None = None
+        while err is None and time.monotonic() < deadline:
+            try:
+                s.sendall(b"x" * (65536 if flood else 1))
+                if not flood:
+                    time.sleep(0.1)
+            except OSError as e:
+                err = e
+        assert isinstance(err, (ConnectionResetError, BrokenPipeError)), err
 
 
 def test_half_handshake_client_times_out(env: Env) -> None:
