@@ -324,6 +324,7 @@ struct sock_view {
 	__u32 copied_seq; /* end of what the owner has read */
 	__u32 ingress;    /* redirected bytes not yet read by the owner */
 	__u32 cap;        /* ingress bound for this socket */
+	__u32 rcvbuf;     /* its sk_rcvbuf: TCP's own bound */
 };
 
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
@@ -382,6 +383,7 @@ static __always_inline void view_tcp(struct tcp_sock *tp, struct sock_view *v)
 	v->copied_seq = tp->copied_seq;
 	v->ingress = psock_ingress(sk);
 	v->cap = tcp_mem_pressure(sk) || rb > ingress_cap ? rb : ingress_cap;
+	v->rcvbuf = rb;
 }
 
 /*
@@ -490,7 +492,10 @@ static __always_inline int try_pair(struct sk_msg_md *msg, struct tcp_sock *self
 }
 
 /* Hop: sender -> its loopback peer, only if all the sender wrote over TCP has arrived and
- * been read (the peer reads its ingress first) and the peer holds less than its cap. */
+ * been read (the peer reads its ingress first) and the peer holds less than its cap. A
+ * hop's cap is also bounded by the peer's sk_rcvbuf, what TCP would let it queue: the peer
+ * is ztun, which passes the bytes on, and when the far side is slower a pair-sized cap
+ * only piles cache-cold bytes up in ztun's socket (docs/sockmap.md §4). */
 static __always_inline void try_hop(struct sk_msg_md *msg, struct tcp_sock *self,
 				    struct ztun_sock_key *me)
 {
@@ -506,7 +511,8 @@ static __always_inline void try_hop(struct sk_msg_md *msg, struct tcp_sock *self
 		stat_inc(ZTUN_STAT_HOP_ORDER);
 		return;
 	}
-	if (v.ingress >= v.cap) {
+	/* (A cap of ~0 lifts every bound: the tests' control of what the kernel alone does.) */
+	if (v.ingress >= v.cap || (ingress_cap != ~0u && v.ingress >= v.rcvbuf)) {
 		stat_inc(ZTUN_STAT_HOP_CAP);
 		return;
 	}

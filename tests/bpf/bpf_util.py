@@ -119,7 +119,7 @@ def ztun_objects() -> dict[str, set[int]]:
     return {"progs": progs, "maps": maps, "links": links}
 
 
-def wait_gone(ids: dict[str, set[int]], timeout: float = 5.0) -> dict[str, set[int]]:
+def wait_gone(ids: dict[str, set[int]], timeout: float = 15.0) -> dict[str, set[int]]:
     """Which of ``ids`` still exist after up to ``timeout`` (the kernel frees BPF objects
     asynchronously, after RCU grace periods)."""
     end = time.monotonic() + timeout
