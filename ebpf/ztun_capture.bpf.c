@@ -375,6 +375,44 @@ int ztun_cap_sockops(struct bpf_sock_ops *ops)
 }
 
 /*
+ * The 4-tuple of a connection between ztun and an app as ztun's end sees it, from ztun's
+ * socket (app == 0) or from the app's (app == 1: reversed). IPv4-mapped IPv6 is filed as
+ * IPv4, so a dual-stack socket and an IPv4 one agree.
+ */
+static __always_inline void ztun_end_key(struct ztun_sock_key *k, struct bpf_sock *sk, int app)
+{
+	__u32 a[4], b[4];
+
+	k->lport = app ? bpf_ntohs(sk->dst_port) : (__u16)sk->src_port;
+	k->rport = app ? (__u16)sk->src_port : bpf_ntohs(sk->dst_port);
+	if (sk->family == AF_INET) {
+		k->family = AF_INET;
+		k->local[0] = app ? sk->dst_ip4 : sk->src_ip4;
+		k->remote[0] = app ? sk->src_ip4 : sk->dst_ip4;
+		return;
+	}
+	a[0] = sk->src_ip6[0];
+	a[1] = sk->src_ip6[1];
+	a[2] = sk->src_ip6[2];
+	a[3] = sk->src_ip6[3];
+	b[0] = sk->dst_ip6[0];
+	b[1] = sk->dst_ip6[1];
+	b[2] = sk->dst_ip6[2];
+	b[3] = sk->dst_ip6[3];
+	if (v4_mapped(a)) {
+		k->family = AF_INET;
+		k->local[0] = app ? b[3] : a[3];
+		k->remote[0] = app ? a[3] : b[3];
+		return;
+	}
+	k->family = AF_INET6;
+	for (int i = 0; i < 4; i++) {
+		k->local[i] = app ? b[i] : a[i];
+		k->remote[i] = app ? a[i] : b[i];
+	}
+}
+
+/*
  * The client ztun named for this socket of the app's (one ztun connected to, and tagged):
  * keyed by the socket's 4-tuple as ztun's end sees it. Sockets of a captured cgroup only.
  */
@@ -387,31 +425,7 @@ static __always_inline struct ztun_cap_dst *delivered_for(struct bpf_sock_addr *
 	if (!sk)
 		return NULL;
 	k.netns = bpf_get_netns_cookie(ctx);
-	k.lport = bpf_ntohs(sk->dst_port); /* ztun's end is this socket's peer */
-	k.rport = (__u16)sk->src_port;
-	if (sk->family == AF_INET) {
-		k.family = AF_INET;
-		k.local[0] = sk->dst_ip4;
-		k.remote[0] = sk->src_ip4;
-	} else {
-		k.local[0] = sk->dst_ip6[0];
-		k.local[1] = sk->dst_ip6[1];
-		k.local[2] = sk->dst_ip6[2];
-		k.local[3] = sk->dst_ip6[3];
-		k.remote[0] = sk->src_ip6[0];
-		k.remote[1] = sk->src_ip6[1];
-		k.remote[2] = sk->src_ip6[2];
-		k.remote[3] = sk->src_ip6[3];
-		if (v4_mapped(k.local)) {
-			k.family = AF_INET;
-			k.local[0] = k.local[3];
-			k.remote[0] = k.remote[3];
-			k.local[1] = k.local[2] = k.local[3] = 0;
-			k.remote[1] = k.remote[2] = k.remote[3] = 0;
-		} else {
-			k.family = AF_INET6;
-		}
-	}
+	ztun_end_key(&k, sk, 1); /* ztun's end is this socket's peer */
 	d = bpf_map_lookup_elem(&ztun_cap_src, &k);
 	if (d)
 		stat_inc(ZTUN_CAP_STAT_SRC_SHOWN);
@@ -640,31 +654,7 @@ int ztun_cap_setsockopt(struct bpf_sockopt *ctx)
 	/* After connect() started: filed under the 4-tuple now (the app may have accepted
 	 * already: tag before connect()). ztun's end: this socket's own 4-tuple. */
 	k.netns = bpf_get_netns_cookie(ctx);
-	k.lport = (__u16)sk->src_port;
-	k.rport = bpf_ntohs(sk->dst_port);
-	if (sk->family == AF_INET) {
-		k.family = AF_INET;
-		k.local[0] = sk->src_ip4;
-		k.remote[0] = sk->dst_ip4;
-	} else {
-		k.local[0] = sk->src_ip6[0];
-		k.local[1] = sk->src_ip6[1];
-		k.local[2] = sk->src_ip6[2];
-		k.local[3] = sk->src_ip6[3];
-		k.remote[0] = sk->dst_ip6[0];
-		k.remote[1] = sk->dst_ip6[1];
-		k.remote[2] = sk->dst_ip6[2];
-		k.remote[3] = sk->dst_ip6[3];
-		if (v4_mapped(k.remote)) {
-			k.family = AF_INET;
-			k.local[0] = k.local[3];
-			k.remote[0] = k.remote[3];
-			k.local[1] = k.local[2] = k.local[3] = 0;
-			k.remote[1] = k.remote[2] = k.remote[3] = 0;
-		} else {
-			k.family = AF_INET6;
-		}
-	}
+	ztun_end_key(&k, sk, 0);
 	if (bpf_map_update_elem(&ztun_cap_src, &k, &d, BPF_ANY) == 0)
 		stat_inc(ZTUN_CAP_STAT_SRC_STORED);
 	return 1;
