@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -156,3 +157,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+# ---- slow-consumer helpers (test_backpressure.py, test_engine_backpressure.py) --------
+
+BLOCK = bytes(range(256)) * 256  # 64 KiB of a counting pattern
+
+
+def default_cap() -> int:
+    """The loader's default ingress cap: net.ipv4.tcp_rmem[2]."""
+    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
+        return int(f.read().split()[2])
+
+
+def fill(a: socket.socket, limit: int, seconds: float) -> int:
+    """Send the BLOCK pattern without blocking until the kernel refuses (EAGAIN for 0.2 s),
+    ``limit`` bytes or ``seconds``; returns the bytes sent."""
+    a.setblocking(False)
+    sent, stalled, end = 0, None, time.monotonic() + seconds
+    two = memoryview(BLOCK * 2)  # partial sends: continue the pattern where it stopped
+    while sent < limit and time.monotonic() < end:
+        off = sent % len(BLOCK)
+        try:
+            sent += a.send(two[off : off + min(len(BLOCK), limit - sent)])
+            stalled = None
+        except BlockingIOError:
+            stalled = stalled or time.monotonic()
+            if time.monotonic() - stalled > 0.2:
+                break
+            time.sleep(0.01)
+    a.setblocking(True)
+    return sent
+
+
+def drain_check(b: socket.socket, n: int, timeout: float) -> None:
+    """Read ``n`` bytes and check they are the BLOCK pattern: nothing lost or reordered."""
+    got = bytearray()
+    b.settimeout(timeout)
+    while len(got) < n:
+        try:
+            d = b.recv(1 << 20)
+        except BlockingIOError:  # spurious EAGAIN of psock sockets
+            continue
+        assert d, f"EOF after {len(got)} of {n}"
+        got.extend(d)
+    whole, rest = divmod(n, len(BLOCK))
+    assert bytes(got) == BLOCK * whole + BLOCK[:rest], "bytes lost, reordered or corrupted"

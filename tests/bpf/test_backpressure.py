@@ -15,58 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from bpf_util import Procs, free_port
+from bpf_util import Procs, default_cap, drain_check, fill, free_port
 
 from ztun import bpf
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf]
 
-BLOCK = bytes(range(256)) * 256  # 64 KiB of a counting pattern
 LIMIT = 256 << 20  # stop the control there: it is charged to the host-wide tcp_mem
-
-
-def _default_cap() -> int:
-    """The loader's default cap: net.ipv4.tcp_rmem[2]."""
-    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
-        return int(f.read().split()[2])
 
 
 def _inq(sock: socket.socket) -> int:
     """FIONREAD: on a psock socket, the redirected bytes not yet read (tcp_bpf_ioctl)."""
     return int(struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0\0\0\0"))[0])
-
-
-def _fill(a: socket.socket, limit: int, seconds: float = 2.0) -> int:
-    """Send without blocking until the kernel refuses (EAGAIN for 0.2 s) or limit."""
-    a.setblocking(False)
-    sent, stalled, end = 0, None, time.monotonic() + seconds
-    two = memoryview(BLOCK * 2)  # partial sends: continue the pattern where it stopped
-    while sent < limit and time.monotonic() < end:
-        off = sent % len(BLOCK)
-        try:
-            sent += a.send(two[off : off + min(len(BLOCK), limit - sent)])
-            stalled = None
-        except BlockingIOError:
-            stalled = stalled or time.monotonic()
-            if time.monotonic() - stalled > 0.2:
-                break
-            time.sleep(0.01)
-    a.setblocking(True)
-    return sent
-
-
-def _drain_check(b: socket.socket, n: int) -> None:
-    got = bytearray()
-    b.settimeout(10)
-    while len(got) < n:
-        try:
-            d = b.recv(1 << 20)
-        except BlockingIOError:
-            continue
-        assert d, f"EOF after {len(got)} of {n}"
-        got.extend(d)
-    whole, rest = divmod(n, len(BLOCK))
-    assert bytes(got) == BLOCK * whole + BLOCK[:rest], "bytes reordered or corrupted"
 
 
 def _app_pair(acc: bpf.SockmapAccelerator) -> tuple[socket.socket, socket.socket, socket.socket]:
@@ -86,11 +46,11 @@ def test_hop_slow_consumer_is_bounded(cap: int, joined_cgroup: Path) -> None:
     with bpf.SockmapAccelerator(joined_cgroup, ingress_cap=cap) as acc:
         ls, a, b = _app_pair(acc)
         with ls, a, b:
-            sent = _fill(a, LIMIT)
+            sent = fill(a, LIMIT, 2.0)
             queued = _inq(b)
             st = acc.stats()
-            _drain_check(b, sent)
-    bound = cap or _default_cap()
+            drain_check(b, sent, 10)
+    bound = cap or default_cap()
     print(f"cap {bound}: sender stopped after {sent} bytes; {queued} redirected-unread")
     assert st["hop_redirect"] > 0 and st["hop_fallback_cap"] > 0
     # The receiver's redirected-unread bytes stay within the cap plus one message (a
@@ -106,10 +66,10 @@ def test_control_without_cap_queues_everything(joined_cgroup: Path) -> None:
         ls, a, b = _app_pair(acc)
         with ls, a, b:
             t0 = time.monotonic()
-            sent = _fill(a, LIMIT)
+            sent = fill(a, LIMIT, 2.0)
             secs = time.monotonic() - t0
             queued = _inq(b)
-            _drain_check(b, sent)
+            drain_check(b, sent, 10)
     print(f"no cap: {sent} bytes accepted in {secs:.2f} s; {queued} redirected-unread")
     assert sent == LIMIT
     assert queued >= LIMIT - (1 << 20)
@@ -136,12 +96,12 @@ def test_pair_slow_consumer_is_bounded(ztrelay: Path, procs: Procs, joined_cgrou
             a.sendall(b"x")
             assert b.recv(1) == b"x"
             time.sleep(0.01)  # see test_pair_semantics.Rig.connect
-            sent = _fill(a, LIMIT)
+            sent = fill(a, LIMIT, 2.0)
             queued = _inq(b)
-            _drain_check(b, sent)
+            drain_check(b, sent, 10)
         lines = procs.lines(relay, 1)[0]
     print(f"pair: sender stopped after {sent} bytes; {queued} redirected-unread; {lines.strip()}")
-    assert queued <= _default_cap() + (1 << 20)
+    assert queued <= default_cap() + (1 << 20)
     # cap at b + TCP buffers at both ztun sockets + the relay's buffer: tens of MB at most.
-    assert sent < _default_cap() + (48 << 20)
+    assert sent < default_cap() + (48 << 20)
     assert '"direct":[0' not in lines  # the shortcut carried bytes before the cap hit

@@ -14,55 +14,17 @@ import time
 from pathlib import Path
 
 import pytest
+from bpf_util import default_cap, drain_check, fill
 from engine_rig import PAIRED, ROUTES, Maps, inq, route
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf, pytest.mark.timeout(60)]
 
-BLOCK = bytes(range(256)) * 256  # 64 KiB of a counting pattern
 LIMIT = 256 << 20  # the sender stops there in any case
-
-
-def _default_cap() -> int:
-    with open("/proc/sys/net/ipv4/tcp_rmem") as f:
-        return int(f.read().split()[2])
-
-
-def _fill(a: socket.socket, limit: int, seconds: float = 5.0) -> int:
-    """Send without blocking until the kernel refuses (EAGAIN for 0.2 s) or limit."""
-    a.setblocking(False)
-    sent, stalled, end = 0, None, time.monotonic() + seconds
-    two = memoryview(BLOCK * 2)  # partial sends: continue the pattern where it stopped
-    while sent < limit and time.monotonic() < end:
-        off = sent % len(BLOCK)
-        try:
-            sent += a.send(two[off : off + min(len(BLOCK), limit - sent)])
-            stalled = None
-        except BlockingIOError:
-            stalled = stalled or time.monotonic()
-            if time.monotonic() - stalled > 0.2:
-                break
-            time.sleep(0.01)
-    a.setblocking(True)
-    return sent
-
-
-def _drain_check(b: socket.socket, n: int) -> None:
-    got = bytearray()
-    b.settimeout(20)
-    while len(got) < n:
-        try:
-            d = b.recv(1 << 20)
-        except BlockingIOError:
-            continue
-        assert d, f"EOF after {len(got)} of {n}"
-        got.extend(d)
-    whole, rest = divmod(n, len(BLOCK))
-    assert bytes(got) == BLOCK * whole + BLOCK[:rest], "bytes lost, reordered or corrupted"
 
 
 @pytest.mark.parametrize("name", ROUTES)
 def test_engine_slow_consumer_is_bounded(name: str, joined_cgroup: Path) -> None:
-    cap = _default_cap()
+    cap = default_cap()
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)
@@ -75,10 +37,10 @@ def test_engine_slow_consumer_is_bounded(name: str, joined_cgroup: Path) -> None
             a.sendall(b"x")
             assert b.recv(1) == b"x"
             time.sleep(0.01)  # the engine's busy flag is down: the next bytes can go direct
-            sent = _fill(a, LIMIT)
+            sent = fill(a, LIMIT, 5.0)
             queued = inq(b)
             bst = maps.stats()
-            _drain_check(b, sent)
+            drain_check(b, sent, 20)
         r.wait_idle()
         s = r.entry.stats()
     print(
