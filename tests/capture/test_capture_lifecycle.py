@@ -102,7 +102,19 @@ def test_crashed_ztun_fails_closed_until_ztund_bpf_cleanup(mesh: Mesh) -> None:
         res = mesh.a.app("probe", host, "9000", "x")
         assert not res["ok"] and res["error"] == "ECONNREFUSED", res  # fail closed
         cp = subprocess.run(
-            [sys.executable, "-m", "ztun", "bpf", "cleanup"],
+            # Scoped to this test's cgroup (an unscoped cleanup would also detach every
+            # other ztun running on the host); the pins: ztun's whole pin root.
+            [
+                sys.executable,
+                "-m",
+                "ztun",
+                "bpf",
+                "cleanup",
+                "--cgroup-root",
+                mesh.a.cg.path,
+                "--pin-root",
+                bpf.DEFAULT_PIN_ROOT,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
