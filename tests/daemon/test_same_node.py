@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -54,6 +55,24 @@ spec:
   - from:
     - source:
         principals: ["cluster.local/ns/demo/sa/db"]
+"""
+
+
+DENY_CLIENT_TO_DB = """\
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: db-deny-client
+  namespace: demo
+spec:
+  selector:
+    matchLabels: {app: db}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/demo/sa/client"]
 """
 
 
@@ -193,12 +212,54 @@ def test_same_node_route_takes_the_sockmap_shortcut(accel_cgroup: Cgroup, mesh: 
             "hop_redirect": _one(mt, "ztun_bpf_events_total", event="hop_redirect"),
         },
     )
-    # 5. Nothing stays attached once ztund has stopped.
+    # 5. SIGHUP with a policy that denies client -> db: the same-node route obeys it.
+    pol2 = m.policy_dir(POLICIES + DENY_DB_TO_CLIENT + DENY_CLIENT_TO_DB, name="policies2")
+    m.write_config("node-a", m.config("node-a", policies=[str(pol2)], extra=extra))
+    before = db_srv.accepted
+    a.signal(signal.SIGHUP)
+    m.wait_log(a, lambda r: r.get("message", "").startswith("reloaded"))
+    assert a.get_json("/config_dump")["accelerator"]["sameNodeRoutes"] == acc["sameNodeRoutes"]
+    refused = False
+    try:
+        with _socks(m, m.client, m.db.ip, 7000) as sock:
+            refused = echo_roundtrip(sock, b"must not arrive") == b""
+    except OSError:
+        refused = True
+    assert refused and db_srv.accepted == before
+
+    # 6. Nothing stays attached once ztund has stopped.
     assert a.stop(30) == 0
     deadline = time.monotonic() + 15  # the kernel frees detached objects lazily
     while (left := _ztun_attached(accel_cgroup.path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, left
+
+
+def test_accelerate_auto_runs_without_when_it_cannot_attach(
+    accel_cgroup: Cgroup, mesh: Mesh
+) -> None:
+    """``auto`` on a cgroup that does not hold ztund: one warning, no accelerator, and
+    same-node connections go over HBONE (mTLS) as without the option."""
+    m = mesh
+    elsewhere = accel_cgroup.child("elsewhere")  # a sibling of ztund's cgroup
+    extra = {"engine": {"accelerate": "auto", "accelerateCgroup": elsewhere.path}}
+    m.write_config("node-a", m.config("node-a", extra=extra))
+    db_srv = EchoServer(m.db.listen(7000))
+    m.servers.append(db_srv)
+    m.start("node-a")
+    a = m.a
+    acc = a.get_json("/config_dump")["accelerator"]
+    assert acc["state"].startswith("unavailable:") and "outside" in acc["state"], acc
+    assert acc["sameNodeRoutes"] == [] and acc["localAddresses"] == [], acc
+    warned = [r for r in a.records if "eBPF acceleration off" in r.get("message", "")]
+    assert len(warned) == 1, warned
+    with _socks(m, m.client, m.db.ip, 7000) as sock:
+        assert echo_roundtrip(sock, b"x" * 100_000) == b"x" * 100_000
+    rec = m.wait_log(a, lambda r: r.get("direction") == "outbound" and r.get("bytes_sent"))
+    assert "route" not in rec and rec.get("dst.hbone_addr"), rec
+    mt = _metrics(a.metrics_text())
+    assert _one(mt, "ztun_bpf_accelerator_active") == 0
+    assert not _ztun_attached(accel_cgroup.path)
 
 
 def test_accelerate_true_refuses_the_cgroup2_root(mesh: Mesh) -> None:
