@@ -80,6 +80,17 @@ struct {
 	__type(value, __u64);
 } ztun_expect SEC(".maps");
 
+/* Addresses of same-node apps in other network namespaces (ztun_bpf_add_local_addr): a
+ * marked ztun connect to one is to a local app, as over loopback. Its accepted socket is
+ * expected under the mirrored key with netns 0 (its namespace is not known here); sock_ops
+ * stores the namespace there when the app accepts, for pair_add. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct ztun_addr_key);
+	__type(value, __u8);
+} ztun_local_addrs SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 32768); /* 2 per pair; resized by the loader */
@@ -243,6 +254,18 @@ static __always_inline int peer_is_local(const struct ztun_sock_key *k)
 	       k->remote[2] == k->local[2] && k->remote[3] == k->local[3];
 }
 
+static __always_inline int peer_in_other_netns(const struct ztun_sock_key *k)
+{
+	struct ztun_addr_key a = {};
+
+	a.family = k->family;
+	a.addr[0] = k->remote[0];
+	a.addr[1] = k->remote[1];
+	a.addr[2] = k->remote[2];
+	a.addr[3] = k->remote[3];
+	return bpf_map_lookup_elem(&ztun_local_addrs, &a) != NULL;
+}
+
 static __always_inline void insert(struct bpf_sock_ops *ops, struct ztun_sock_key *k)
 {
 	struct ztun_sockinfo si = {};
@@ -269,7 +292,7 @@ int ztun_sockops(struct bpf_sock_ops *ops)
 	struct ztun_sock_key k = {}, r = {};
 	struct bpf_sock *sk;
 	__u32 op = ops->op;
-	__u64 one = 1;
+	__u64 one = 1, *pending;
 
 	if (op == BPF_SOCK_OPS_STATE_CB) {
 		/* args[1] is the new state; the sockhash drops the socket itself. */
@@ -296,6 +319,13 @@ int ztun_sockops(struct bpf_sock_ops *ops)
 			key_reverse(&r, &k);
 			bpf_map_update_elem(&ztun_expect, &r, &one, BPF_ANY);
 			insert(ops, &k);
+		} else if (ztun_mark && sk && sk->mark == ztun_mark && peer_in_other_netns(&k)) {
+			__u64 pending = 0;
+
+			key_reverse(&r, &k);
+			r.netns = 0;
+			bpf_map_update_elem(&ztun_expect, &r, &pending, BPF_ANY);
+			insert(ops, &k);
 		}
 		return 1;
 	}
@@ -307,6 +337,17 @@ int ztun_sockops(struct bpf_sock_ops *ops)
 	}
 	if (bpf_map_lookup_elem(&ztun_expect, &k)) {
 		bpf_map_delete_elem(&ztun_expect, &k);
+		insert(ops, &k);
+		return 1;
+	}
+	/* An app in another namespace accepting ztun's connect (ztun_local_addrs). */
+	r = k;
+	r.netns = 0;
+	pending = bpf_map_lookup_elem(&ztun_expect, &r);
+	if (pending && *pending == 0) {
+		__u64 ns = k.netns; /* cookies are never 0 */
+
+		bpf_map_update_elem(&ztun_expect, &r, &ns, BPF_ANY);
 		insert(ops, &k);
 	}
 	return 1;

@@ -28,6 +28,17 @@ struct ztun_sock_key {
 	__u16 pad;
 };
 
+/*
+ * An address of a same-node app in another network namespace of this host (key of
+ * ztun_local_addrs; ztund's workloads each have their own). Encoded as the remote half of
+ * ztun_sock_key: IPv4 in addr[0], network order.
+ */
+struct ztun_addr_key {
+	__u32 addr[4];
+	__u16 family;
+	__u16 pad[3];
+};
+
 /* Where a socket of ztun_socks lives (value of ztun_sockinfo, written by sock_ops). */
 struct ztun_sockinfo {
 	__u64 addr;   /* kernel address of the struct sock */

@@ -582,6 +582,21 @@ class SockmapAccelerator:
 
     # -- pairs (normally driven by the engine in C; these are for tests and tools)
 
+    def add_local_address(self, ip: str) -> None:
+        """``ip`` belongs to a same-node app in another network namespace of this host
+        (ztund: one netns per workload): ztun's marked connects to it pair as over
+        loopback, and the app's accepted socket is found in its own namespace."""
+        _check(
+            self._lib.ztun_bpf_add_local_addr(self._handle(), str(ip).encode()),
+            "add local address",
+        )
+
+    def del_local_address(self, ip: str) -> None:
+        _check(
+            self._lib.ztun_bpf_del_local_addr(self._handle(), str(ip).encode()),
+            "remove local address",
+        )
+
     def pair_add(
         self, ztun_a: _Sock | int, ztun_b: _Sock | int, *, keep_linger: bool = False
     ) -> int:

@@ -301,6 +301,19 @@ class EngineConfig(_Model):
     connect_timeout: Duration = 10.0
     handshake_timeout: Duration = 10.0
     idle_timeout: Duration | None = None
+    # The eBPF sockmap accelerator (docs/daemon.md "Same-node shortcut"): false (default),
+    # true (required: ztund does not start without it) or auto (when available). One per
+    # ztund, on accelerateCgroup (default: ztund's own cgroup; never the cgroup2 root),
+    # which must hold ztund and the local apps.
+    accelerate: bool | Literal["auto"] = False
+    accelerate_cgroup: str | None = None
+
+    @field_validator("accelerate", mode="before")
+    @classmethod
+    def _accelerate(cls, v: object) -> object:
+        if isinstance(v, bool) or v == "auto":
+            return v
+        raise ValueError(f"expected false, true or auto, got {v!r}")
 
 
 class Config(_Model):
@@ -518,10 +531,32 @@ def _semantic_errors(
                             ("identity", "files", "dir"),
                             f"{p}: missing (for workloads[{i}] {w.key})",
                         )
+    eng = cfg.engine
+    if eng.accelerate_cgroup is not None:
+        where = ("engine", "accelerateCgroup")
+        if not eng.accelerate:
+            err(where, "set, but engine.accelerate is false")
+        elif not os.path.isabs(eng.accelerate_cgroup):
+            err(where, f"{eng.accelerate_cgroup}: expected an absolute cgroup v2 directory")
+        elif runtime and not os.path.isdir(eng.accelerate_cgroup):
+            err(where, f"{eng.accelerate_cgroup}: no such cgroup directory")
+        elif runtime and _is_cgroup2_root(eng.accelerate_cgroup):
+            err(
+                where,
+                f"{eng.accelerate_cgroup} is the cgroup2 root: the accelerator would watch "
+                "every process of the host; name a cgroup holding ztund and the apps",
+            )
     admin = cfg.listeners.admin
     if cfg.listeners.metrics is not None and cfg.listeners.metrics == admin:
         err(("listeners", "metrics"), "the metrics address is the admin address")
     return errors
+
+
+def _is_cgroup2_root(path: str) -> bool:
+    from ztun.bpf import find_mount
+
+    root = find_mount("cgroup2")
+    return root is not None and os.path.realpath(path) == os.path.realpath(root)
 
 
 def _policy_paths(doc: YamlDocument, base: Path) -> tuple[list[str], list[ConfigError]]:

@@ -343,6 +343,11 @@ class Daemon:
     def __init__(self, config_path: str | os.PathLike[str]) -> None:
         self.config_path = os.fspath(config_path)
         self.loaded: LoadedConfig = cfgmod.load(self.config_path)
+        # The eBPF sockmap accelerator (engine.accelerate): one for every engine of this
+        # ztund; None when off or unavailable (self._acc_note says why).
+        self._acc: Any = None
+        self._acc_note = "off (engine.accelerate: false)"
+        self._acc_addrs: set[str] = set()  # same-node app addresses registered with it
         self._index(self.loaded.config)
         self.reload_status = ReloadStatus(loaded_at=_iso(dt.datetime.now(dt.UTC)))
         self.traffic = TrafficMetrics()
@@ -376,6 +381,10 @@ class Daemon:
         self._by_ip = cfg.by_ip()
         self._ids = {w.key: str(w.spiffe_id(cfg.trust_domain)) for w in cfg.workloads}
         self._label_cache: dict[tuple[Any, ...], TrafficLabels] = {}
+        # Destinations of same-node routes (the sockmap shortcut): address -> SPIFFE ID.
+        self._local_route_ips = {
+            ip: self._ids[w.key] for w in self._local_routes(cfg) for ip in w.workload_ips
+        }
 
     # -- properties ----------------------------------------------------------------------
 
@@ -508,13 +517,16 @@ class Daemon:
             "access_log": False,  # ztund writes its own, with workload names
         }
         serve_kw: dict[str, Any] = {"workloads": list(w.workload_ips), "deliver": False}
+        if self._acc is not None:
+            kw["accelerate"] = self._acc
         if self._policy_ok:
             kw["policies"] = _nonempty(loaded.policies)
             kw["workload"] = self._policy_workload(w)
+            kw["workloads"] = self._route_policy_workloads(cfg, w)
             serve_kw["policy"] = True
         forwards = self._resolve_forwards(cfg, w)
         listen = _inbound_addresses(cfg, w)
-        directory = _directory(cfg)
+        directory = _directory(cfg, self._local_routes(cfg))
         li = cfg.listeners
         socks = (li.socks5_bind, li.socks5) if li.socks5 is not None else None
 
@@ -552,6 +564,95 @@ class Daemon:
             len(rt.forwards),
         )
         return rt
+
+    # -- the same-node shortcut (engine.accelerate; docs/daemon.md) --------------------------
+
+    def _local_routes(self, cfg: Config) -> list[Workload]:
+        """The workloads reached by a same-node route (policy decided by the source's
+        engine, payload app to app by sk_msg redirect) instead of HBONE: with the
+        accelerator, this node's HBONE workloads, except captured ones (their inbound
+        sk_lookup steers plaintext connects to 15006: they keep HBONE)."""
+        if self._acc is None:
+            return []
+        return [
+            w
+            for w in cfg.local_workloads()
+            if w.protocol is Protocol.HBONE and not w.capture and w.netns is not None
+        ]
+
+    def _route_policy_workloads(self, cfg: Config, w: Workload) -> list[Any]:
+        """What a workload's engine must know to judge its same-node routes: their
+        destinations (their selectors and namespaces decide, as at an HBONE inbound)."""
+        return [self._policy_workload(d) for d in self._local_routes(cfg) if d.key != w.key]
+
+    def _open_accelerator(self, cfg: Config) -> None:
+        """One SockmapAccelerator for every engine; ``auto`` runs without it when it cannot
+        be had (logged once), ``true`` refuses to start."""
+        mode = cfg.engine.accelerate
+        if mode is False:
+            return
+        from ztun import bpf
+
+        try:
+            ok, why = bpf.available()
+            if not ok:
+                raise ZtunError(f"eBPF sockmap unavailable: {why}")
+            own = bpf.own_cgroup()
+            where = Path(cfg.engine.accelerate_cgroup or own)
+            root = bpf.cgroup2_root()
+            if os.path.realpath(where) == os.path.realpath(root):
+                raise ConfigError(
+                    f"the accelerator would attach to the cgroup2 root {root} (every process "
+                    "of the host): run ztund in a cgroup of its own, or set "
+                    "engine.accelerateCgroup to a cgroup that holds ztund and the apps",
+                    file=self.config_path,
+                    field="engine.accelerateCgroup",
+                )
+            real_own, real_where = Path(os.path.realpath(own)), Path(os.path.realpath(where))
+            if real_own != real_where and real_where not in real_own.parents:
+                raise ConfigError(
+                    f"ztund runs in {own}, outside {where}: the accelerator would not see "
+                    "its sockets",
+                    file=self.config_path,
+                    field="engine.accelerateCgroup",
+                )
+            self._acc = bpf.SockmapAccelerator(where)
+        except (ZtunError, OSError) as e:
+            self._acc_note = f"unavailable: {e}"
+            if mode is True:
+                raise ZtunError(f"engine.accelerate is true, but {self._acc_note}") from None
+            log.warning("eBPF acceleration off (engine.accelerate: auto): %s", e)
+            return
+        self._acc_note = f"on (cgroup {self._acc.cgroup}, mark {self._acc.mark:#x})"
+        log.info("eBPF acceleration %s: same-node routes take the sockmap shortcut", self._acc_note)
+        self._sync_acc_addresses(cfg)
+
+    def _sync_acc_addresses(self, cfg: Config, *, drop: bool = True) -> None:
+        """Register the same-node routes' addresses with the accelerator (each workload
+        has its own network namespace: the kernel must know these are apps of this host);
+        ``drop``: also forget those no longer routed so."""
+        if self._acc is None:
+            return
+        want = {ip for w in self._local_routes(cfg) for ip in w.workload_ips}
+        for ip in sorted(want - self._acc_addrs):
+            self._acc.add_local_address(ip)
+            self._acc_addrs.add(ip)
+        if drop:
+            for ip in sorted(self._acc_addrs - want):
+                with contextlib.suppress(ZtunError):
+                    self._acc.del_local_address(ip)
+                self._acc_addrs.discard(ip)
+
+    def _close_accelerator(self, engines_stopped: bool) -> None:
+        acc, self._acc = self._acc, None
+        if acc is None:
+            return
+        if not engines_stopped:
+            # An engine still draining calls into it: the kernel detaches it at exit.
+            log.warning("eBPF accelerator left to process exit: an engine is still stopping")
+            return
+        acc.close()
+        self._acc_note = "closed"
 
     def _stop_runtime(self, rt: WorkloadRuntime, drain: float) -> threading.Thread | None:
         """Close a workload's listeners now; let its connections drain in the background."""
@@ -658,6 +759,8 @@ class Daemon:
         replaced: dict[str, WorkloadRuntime] = {}
         forward_ops: list[tuple[WorkloadRuntime, list[tuple[str, int]], list[ResolvedForward]]] = []
         undo: list[Callable[[], None]] = []
+        # Addresses of new same-node routes first (harmless before they are routed).
+        self._sync_acc_addresses(nc, drop=False)
         try:
             for key, w in want.items():
                 rt = self._runtimes.get(key)
@@ -695,14 +798,17 @@ class Daemon:
         # certificates.
         self.loaded = new
         self._index(nc)
-        directory = _directory(nc)
+        directory = _directory(nc, self._local_routes(nc))
         for key, rt in self._runtimes.items():
             if key in want and key not in started and rt.tunnel is not None:
                 rt.tunnel.set_directory(directory)
         if self._policy_ok:
             for key, rt in self._runtimes.items():
                 if key in want and key not in started and rt.tunnel is not None:
+                    if self._acc is not None:
+                        rt.tunnel.set_workloads(self._route_policy_workloads(nc, want[key]))
                     rt.tunnel.set_policy(_nonempty(new.policies))
+        self._sync_acc_addresses(nc)
         for rt in replaced.values():
             self._draining_tunnels.append(self._drain_later(rt, nc.drain_timeout))
         for key, rt in list(self._runtimes.items()):
@@ -800,12 +906,23 @@ class Daemon:
             ev.mode == _MODE_SOCKS5 and bool(ev.peer_id)
         )
         inbound = ev.mode == _MODE_HBONE_IN
+        same_node = False
         if inbound:
             target = ev.target
         else:
             info = rt.listeners.get(ev.listener_id)
             fwd = info.forward if info is not None else None
             target = ev.target if ev.target else (fwd.target if fwd else ev.dst)
+            # A routed connection (SOCKS5, capture) to a same-node route: judged here and
+            # carried app to app in the kernel, in plaintext: no mTLS to claim.
+            same_node = (
+                fwd is None
+                and target is not None
+                and ev.peer_id is not None
+                and self._local_route_ips.get(target[0]) == ev.peer_id
+            )
+            if same_node:
+                mtls = False
         # Labels depend on a handful of values; computing them parses SPIFFE IDs, so they
         # are cached (the cache is dropped on reload, when the directory changes).
         key = (
@@ -832,6 +949,21 @@ class Daemon:
                 "dst.namespace": labels.destination_workload_namespace,
                 "dst.identity": labels.destination_principal,
                 "direction": "inbound",
+            }
+        elif same_node:
+            # Both identities come from this node's configuration (no certificate was
+            # exchanged); the destination's ztund never sees this connection.
+            fields = {
+                "src.addr": _addr(ev.src),
+                "src.workload": labels.source_workload,
+                "src.namespace": labels.source_workload_namespace,
+                "src.identity": labels.source_principal,
+                "dst.addr": _addr(ev.dst),
+                "dst.workload": labels.destination_workload,
+                "dst.namespace": labels.destination_workload_namespace,
+                "dst.identity": ev.peer_id,
+                "direction": "outbound",
+                "route": "same_node",
             }
         else:
             fields = {
@@ -1046,6 +1178,12 @@ class Daemon:
                     "lastReloadError": rs.last_error,
                 },
                 "identitySource": cfg.identity.source,
+                "accelerator": {
+                    "mode": cfg.engine.accelerate,
+                    "state": self._acc_note,
+                    "sameNodeRoutes": sorted(w.key for w in self._local_routes(cfg)),
+                    "localAddresses": sorted(self._acc_addrs),
+                },
                 "policyEnforcement": self._policy_ok,
                 "policyFiles": list(self.loaded.policy_paths),
                 "workloads": workloads,
@@ -1104,6 +1242,46 @@ class Daemon:
         ready = GaugeMetricFamily("ztun_ready", "1 when /healthz/ready answers 200")
         ready.add_metric([], 0 if self.readiness() else 1)
         yield ready
+        yield from self._accelerator_metrics()
+
+    def _accelerator_metrics(self) -> Iterator[Metric]:
+        acc = self._acc
+        on = GaugeMetricFamily(
+            "ztun_bpf_accelerator_active",
+            "1 when the eBPF sockmap accelerator is attached (engine.accelerate)",
+        )
+        on.add_metric([], 0 if acc is None or acc.closed else 1)
+        yield on
+        if acc is None or acc.closed:
+            return
+        with contextlib.suppress(ZtunError):
+            stats = acc.stats()
+            fam = CounterMetricFamily(
+                "ztun_bpf_events", "The sockmap programs' counters", labels=["event"]
+            )
+            for name, value in sorted(stats.items()):
+                fam.add_metric([name], value)
+            yield fam
+        pairs = CounterMetricFamily(
+            "ztun_bpf_pairs", "Same-node pairs an engine made (sockmap)", labels=["workload"]
+        )
+        direct = CounterMetricFamily(
+            "ztun_bpf_direct_bytes",
+            "Bytes of paired connections carried app to app by the kernel",
+            labels=["workload"],
+        )
+        with self._lock:
+            rts = [rt for rt in self._runtimes.values() if rt.tunnel is not None]
+        for rt in rts:
+            t = rt.tunnel
+            if t is None:
+                continue
+            with contextlib.suppress(ZtunError):
+                st = t.stats()
+                pairs.add_metric([rt.key], st.bpf_pairs)
+                direct.add_metric([rt.key], st.bpf_direct_bytes)
+        yield pairs
+        yield direct
 
     # -- running -------------------------------------------------------------------------------
 
@@ -1129,6 +1307,9 @@ class Daemon:
                     except (ZtunError, OSError) as e:  # retried by _reconcile
                         log.error("identity for %s: %s", w.key, e)
         _prepare_capture(cfg)
+        with self._lock:
+            self._open_accelerator(cfg)
+            self._index(cfg)  # same-node routes are known now
         self._reconcile()
         _sync_captures(cfg)
 
@@ -1179,6 +1360,7 @@ class Daemon:
             th.join(max(0.0, deadline + 10 - (time.monotonic() - t0)))
         with self._lock:
             self._state = "stopped"
+            self._close_accelerator(not any(th.is_alive() for th in threads))
             for ident in self._identities.values():
                 ident.close()
             self._identities.clear()
@@ -1214,16 +1396,18 @@ def _live_connections(t: Tunnel) -> list[tuple[Any, ...]]:
     return list(t.connections())
 
 
-def _directory(cfg: Config) -> list[Destination]:
+def _directory(cfg: Config, local: Sequence[Workload] = ()) -> list[Destination]:
     """Every workload's addresses for the engines' routed outbound (SOCKS5, capture):
-    HBONE workloads with their identity and HBONE port, the others as passthrough."""
+    HBONE workloads with their identity and HBONE port, the others as passthrough;
+    ``local``: same-node routes (the sockmap shortcut, docs/daemon.md)."""
+    same = {w.key for w in local}
     out = []
     for w in cfg.workloads:
         hbone = w.protocol is Protocol.HBONE
         sid = str(w.spiffe_id(cfg.trust_domain)) if hbone else None
         for ip in w.workload_ips:
             via = (ip, cfg.listeners.inbound) if hbone else None
-            out.append(Destination(ip, sid, via))
+            out.append(Destination(ip, sid, via, local=w.key in same))
     return out
 
 
@@ -1395,7 +1579,7 @@ def run(config_path: str, log_format: str, log_level: str) -> None:
     log.info("ztund %s starting: node %s, config %s", __version__, daemon.config.node, config_path)
     try:
         code = daemon.run()
-    except OSError as e:
+    except (ZtunError, OSError) as e:
         log.error("fatal: %s", e)
         with contextlib.suppress(Exception):
             daemon.drain()

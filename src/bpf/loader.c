@@ -51,6 +51,7 @@
 _Static_assert(sizeof(struct ztun_sock_key) == 48, "ztun_sock_key layout");
 _Static_assert(sizeof(struct ztun_route) == 184, "ztun_route layout");
 _Static_assert(sizeof(struct ztun_pair_slot) == 128, "ztun_pair_slot layout");
+_Static_assert(sizeof(struct ztun_addr_key) == 24, "ztun_addr_key layout");
 _Static_assert(ZTUN_STAT_MAX == ZTUN_BPF_NSTATS, "stat count");
 
 struct pair_rec {
@@ -66,6 +67,7 @@ struct ztun_bpf {
 	int msg_link_fd;               /* sockmap link; -1 when legacy-attached or detached */
 	bool sockops_legacy, msg_legacy;
 	int fd_socks, fd_info, fd_ports, fd_routes, fd_pairs, fd_stats;
+	int fd_expect, fd_local_addrs;
 	struct ztun_pair_slot *slots; /* mmap of ztun_pairs */
 	size_t slots_len;
 	pthread_mutex_t lock; /* slot allocation and pair records */
@@ -258,6 +260,8 @@ static void map_fds(ztun_bpf *h)
 	h->fd_routes = bpf_map__fd(h->skel->maps.ztun_routes);
 	h->fd_pairs = bpf_map__fd(h->skel->maps.ztun_pairs);
 	h->fd_stats = bpf_map__fd(h->skel->maps.ztun_stats);
+	h->fd_expect = bpf_map__fd(h->skel->maps.ztun_expect);
+	h->fd_local_addrs = bpf_map__fd(h->skel->maps.ztun_local_addrs);
 }
 
 int ztun_bpf_open(const struct ztun_bpf_config *cfg, ztun_bpf **out)
@@ -566,6 +570,56 @@ int ztun_bpf_del_listener(ztun_bpf *h, int fd)
 	return 0;
 }
 
+static int addr_key_of(const char *ip, struct ztun_addr_key *a)
+{
+	struct in6_addr a6;
+
+	memset(a, 0, sizeof(*a));
+	if (!ip)
+		return ZTUN_EINVAL;
+	if (inet_pton(AF_INET, ip, &a->addr[0]) == 1) {
+		a->family = AF_INET;
+		return 0;
+	}
+	if (inet_pton(AF_INET6, ip, &a6) != 1)
+		return ZTUN_EINVAL;
+	if (IN6_IS_ADDR_V4MAPPED(&a6)) { /* as sock_ops keys it */
+		a->family = AF_INET;
+		memcpy(&a->addr[0], &a6.s6_addr[12], 4);
+		return 0;
+	}
+	a->family = AF_INET6;
+	memcpy(a->addr, &a6, 16);
+	return 0;
+}
+
+int ztun_bpf_add_local_addr(ztun_bpf *h, const char *ip)
+{
+	struct ztun_addr_key a;
+	__u8 one = 1;
+
+	if (!h || !h->skel)
+		return fail(ZTUN_EINVAL, "add_local_addr: no handle");
+	if (addr_key_of(ip, &a))
+		return fail(ZTUN_EINVAL, "add_local_addr: not an IP address: %s", ip ? ip : "(null)");
+	if (bpf_map_update_elem(h->fd_local_addrs, &a, &one, BPF_ANY))
+		return fail(-errno, "add_local_addr: %s", ip);
+	return 0;
+}
+
+int ztun_bpf_del_local_addr(ztun_bpf *h, const char *ip)
+{
+	struct ztun_addr_key a;
+
+	if (!h || !h->skel)
+		return fail(ZTUN_EINVAL, "del_local_addr: no handle");
+	if (addr_key_of(ip, &a))
+		return fail(ZTUN_EINVAL, "del_local_addr: not an IP address: %s", ip ? ip : "(null)");
+	if (bpf_map_delete_elem(h->fd_local_addrs, &a) && errno != ENOENT)
+		return fail(-errno, "del_local_addr: %s", ip);
+	return 0;
+}
+
 uint32_t ztun_bpf_mark(const ztun_bpf *h)
 {
 	return h ? h->cfg.mark : ZTUN_BPF_DEFAULT_MARK;
@@ -638,6 +692,18 @@ int ztun_bpf_pair_add(ztun_bpf *h, int ztun_fd_a, int ztun_fd_b, uint32_t flags,
 			    "not marked)", key_str(miss, kb, sizeof(kb)));
 	}
 	cb = known(h, &b);
+	if (!cb) {
+		/* An app in another namespace (ztun_local_addrs): sock_ops stored its namespace
+		 * under the mirrored key with netns 0 when it accepted. */
+		struct ztun_sock_key x = b;
+		__u64 ns = 0;
+
+		x.netns = 0;
+		if (!bpf_map_lookup_elem(h->fd_expect, &x, &ns) && ns) {
+			b.netns = ns;
+			cb = known(h, &b);
+		}
+	}
 	if (!cb) {
 		/* connect() returns before the app's side of a loopback connection exists (the
 		 * final ACK is processed after): the engine retries shortly. */

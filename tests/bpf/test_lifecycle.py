@@ -157,6 +157,7 @@ def test_pinned_objects_survive_sigkill_until_cleanup(
                 "link_skmsg",
                 "link_sockops",
                 "ztun_expect",
+                "ztun_local_addrs",
                 "ztun_pairs",
                 "ztun_ports",
                 "ztun_routes",

@@ -96,6 +96,10 @@ void ztun_bpf_close(ztun_bpf *h);
 /* Connections to this listening socket's port (in its network namespace) are ztun hops. */
 int ztun_bpf_add_listener(ztun_bpf *h, int listen_fd);
 int ztun_bpf_del_listener(ztun_bpf *h, int listen_fd);
+/* Addresses of same-node apps in other network namespaces of this host (one netns per
+ * workload): ztun's marked connects to them pair like connects over loopback. */
+int ztun_bpf_add_local_addr(ztun_bpf *h, const char *ip);
+int ztun_bpf_del_local_addr(ztun_bpf *h, const char *ip);
 /* The mark ztun must set (SO_MARK) on its outgoing sockets before connect(). */
 uint32_t ztun_bpf_mark(const ztun_bpf *h);
 
