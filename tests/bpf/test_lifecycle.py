@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from bpf_util import Procs, bpftool_json, cgroup_attachments, free_port, wait_gone
+from engine_rig import Maps
 
 from ztun import bpf
 from ztun.errors import BpfError
@@ -104,6 +105,7 @@ def test_sigkilled_loader_leaves_nothing(
     server.bind(("127.0.0.1", 0))
     server.listen(4)
     port = free_port()
+    maps = Maps()
     relay = procs.start(
         ztrelay,
         "relay",
@@ -124,6 +126,12 @@ def test_sigkilled_loader_leaves_nothing(
         a.sendall(b"x")
         assert b.recv(1) == b"x"
         conn = (a, b)
+        # The relay pairs (and sets SO_LINGER 0) just after the first bytes: kill it once
+        # the pair's two routes are in place, not before.
+        end = time.monotonic() + 10
+        while maps.routes() < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert maps.routes() == 2
     relay.send_signal(signal.SIGKILL)
     relay.wait()
     if conn:
