@@ -980,6 +980,10 @@ int zflow_local_workload(struct zworker *w, const struct zlistener *l,
 		if (memcmp(l->workload_ips[i], ip, 16) == 0)
 			return 1;
 	}
+	/* A listener that names its workloads serves those only: the policy table may also
+	 * know other workloads of the node (the same-node routes of a shared accelerator). */
+	if (l->nworkload_ips)
+		return 0;
 	return w->policy && ztun_policy_find_workload(w->policy->table, ip) >= 0;
 }
 

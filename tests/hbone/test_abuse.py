@@ -508,3 +508,41 @@ def test_alpn_other_than_h2_is_refused(server: Server) -> None:
             r.close()
     wait_until(lambda: server.counters()["h2_closed"] > before["h2_closed"], 10, "closed")
     server.good_client_works()
+
+
+ALLOW_ALL = """\
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-all
+  namespace: prod
+spec:
+  action: ALLOW
+  rules:
+  - {}
+"""
+
+
+def test_listener_answers_only_for_its_own_workloads(
+    make_tunnel: Callable[..., Tunnel], echo_server: EchoServer, pki: dict[str, PeerFiles]
+) -> None:
+    """A policy table that also knows another workload of the node (ztund's same-node
+    routes give every engine the others) does not make a listener that names its own
+    workloads answer for that one: 400, nothing dialled."""
+    from ztun.policy import Workload
+
+    other = Workload("other", "prod", ips=("127.0.0.3",))
+    t = make_tunnel(
+        ZTUN_SERVER,
+        policies=ALLOW_ALL,
+        workload=Workload("server", "prod", ips=("127.0.0.1",)),
+        workloads=[other],
+    )
+    h = t.serve(("127.0.0.1", 0), deliver=False, workloads=["127.0.0.1"])
+    files = pki["peer"]
+    with H2Client(h.address, files.chain, files.key, files.ca, expect=ZTUN_SERVER) as c:
+        sid = c.open(f"127.0.0.3:{echo_server.address[1]}")
+        assert answer_of(c.response(sid)) == "400"
+        sid = c.open(f"127.0.0.1:{echo_server.address[1]}")
+        assert c.response(sid).status == 200
+    assert stats(t)["hbone_status"][400] == 1
