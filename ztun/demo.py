@@ -19,6 +19,13 @@ dials ``127.0.0.1:<port>`` in its own namespace). Then:
 1. client -> api  (cross-node, HBONE/mTLS)   allowed by demo/api-allow-client
 2. client -> db   (same node, HBONE/mTLS)    allowed by demo/db-allow-client
 3. api -> db      (cross-node)               denied by demo/deny-api-to-db
+4. client -> db   (same node, SOCKS5)        allowed by demo/db-allow-client, judged by
+   node-a's ztund at the source, then app <-> app in the kernel (the eBPF sockmap
+   shortcut, ``engine.accelerate: auto``); where eBPF is not available ztund falls back
+   to HBONE and the demo says why
+
+The demo runs in a cgroup v2 of its own (:class:`DemoCgroup`, removed at the end), which
+holds the daemons and the apps' sockets: node-a's accelerator attaches there.
 
 The terminal shows each connection live (path, bytes, the identities from the daemons'
 ``/metrics`` labels while it is open, then identities and the deciding policy from their
@@ -546,9 +553,12 @@ class Ztund:
 class EchoServer:
     """A threaded echo server on a listening socket (made inside a workload's namespace)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, timeout: float | None = None) -> None:
         self.sock = sock
         self.address = sock.getsockname()[:2]
+        # A timeout makes the accepted sockets poll before each recv(), so a spurious
+        # EAGAIN of a socket in a sockmap (docs/sockmap.md §4) is retried, not an error.
+        self.timeout = timeout
         self.accepted = 0
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -562,6 +572,7 @@ class EchoServer:
                 c, _ = self.sock.accept()
             except OSError:
                 return
+            c.settimeout(self.timeout)
             with self._lock:
                 self.accepted += 1
                 self._conns.add(c)
@@ -674,6 +685,7 @@ spec:
 
 CHUNK = 1 << 20
 HBONE_PORT = 15008
+SOCKS5_PORT = 15080  # ztund's SOCKS5 entry inside every local workload
 # The apps' transfers take a few seconds; this bounds a stuck one.
 TRAFFIC_TIMEOUT = 60.0
 # Once the apps are done, how long to wait for the daemons' access-log lines: they are
@@ -692,6 +704,12 @@ class DemoConn:
     dst_port: int
     expect_allowed: bool
     size: int
+    socks: bool = False  # through src's SOCKS5 entry (port) to dst's IP, not a forward
+    # A same-node route through the kernel shortcut (engine.accelerate) is expected: None
+    # for HBONE; for a SOCKS5 connection to a local workload, known once ztund is up.
+    shortcut: bool | None = None
+    shortcut_note: str = ""  # why there is no shortcut (when shortcut is False)
+    local_port: int = 0  # the app's port, as the source's access log shows it
     sent: int = 0
     received: int = 0
     state: str = "waiting"  # connecting, streaming, verified, refused, failed
@@ -714,7 +732,13 @@ class DemoConn:
 
     @property
     def route(self) -> str:
-        return "same node" if self.same_node else "cross-node"
+        route = "same node" if self.same_node else "cross-node"
+        return f"{route}, SOCKS5" if self.socks else route
+
+    @property
+    def direct(self) -> bool:
+        """Carried as a same-node route (judged at the source, app ⇄ app in the kernel)."""
+        return bool(self.shortcut)
 
     @property
     def target(self) -> str:
@@ -722,6 +746,9 @@ class DemoConn:
 
     @property
     def logged(self) -> bool:
+        # a same-node route is logged by the source's ztund only (docs/daemon.md)
+        if self.direct:
+            return self.out_rec is not None
         return self.out_rec is not None and self.in_rec is not None
 
     def _rec(self, key: str, *order: dict[str, Any] | None) -> Any:
@@ -746,7 +773,9 @@ class DemoConn:
 
     @property
     def policy(self) -> str | None:
-        return self._rec("policy", self.in_rec)  # type: ignore[no-any-return]
+        # judged by the destination's ztund, or for a same-node route by the source's
+        rec = self.out_rec if self.direct else self.in_rec
+        return self._rec("policy", rec)  # type: ignore[no-any-return]
 
     @property
     def status(self) -> int | None:
@@ -754,8 +783,9 @@ class DemoConn:
 
     def tunnel_bytes(self) -> tuple[int, int]:
         """Bytes each way: what ztund delivered (access log) once known, else the app's."""
-        if self.in_rec is not None and self.done:
-            return int(self.in_rec.get("bytes_sent", 0)), int(self.in_rec.get("bytes_recv", 0))
+        rec = self.out_rec if self.direct else self.in_rec
+        if rec is not None and self.done:
+            return int(rec.get("bytes_sent", 0)), int(rec.get("bytes_recv", 0))
         return self.sent, self.received
 
 
@@ -792,6 +822,16 @@ def _drive(conn: DemoConn) -> None:
         conn.finished = time.monotonic()
         return
     conn.sock = sock
+    conn.local_port = sock.getsockname()[1]
+    if conn.socks:
+        try:
+            socks5_handshake(sock, conn.dst.ip, conn.dst_port)
+        except OSError as e:
+            conn.state = "refused" if isinstance(e, ConnectionError) else "failed"
+            conn.error = _err("SOCKS5", e)
+            conn.finished = time.monotonic()
+            sock.close()
+            return
     sock.settimeout(30)
     want = hashlib.sha256()
     got = hashlib.sha256()
@@ -853,11 +893,13 @@ def _short_id(sid: str | None) -> str:
 class _AccessLogs:
     """The daemons' access-log records, matched to the demo's connections.
 
-    Each demo connection is the only one between its two workloads, so a record belongs
-    to the connection with its ``src.workload`` and ``dst.workload``; ``direction`` says
-    which side wrote it. Matching is redone from all records at every refresh, so the
-    order in which the two daemons' lines arrive (and when the app's ``connect()``
-    returned) does not matter.
+    A record belongs to the connection with its ``src.workload`` and ``dst.workload``;
+    ``direction`` says which side wrote it. When two connections join the same workloads
+    (client → db through a forward and through SOCKS5), the source's line is the one from
+    the app's own port (``src.addr``) and the destination's line the one with the same
+    ``trace``. Matching is redone from all records at every refresh, so the order in which
+    the two daemons' lines arrive (and when the app's ``connect()`` returned) does not
+    matter.
     """
 
     def __init__(self) -> None:
@@ -872,10 +914,27 @@ class _AccessLogs:
     def apply(self, conns: list[DemoConn]) -> None:
         with self._lock:
             records = list(self._records)
+        pairs = [(c.src.name, c.dst.name) for c in conns]
         for c in conns:
-            for r in records:
-                if (r.get("src.workload"), r.get("dst.workload")) != (c.src.name, c.dst.name):
+            pair = (c.src.name, c.dst.name)
+            mine = [r for r in records if (r.get("src.workload"), r.get("dst.workload")) == pair]
+            if pairs.count(pair) > 1:
+                if not c.local_port:
                     continue
+                app = f"127.0.0.1:{c.local_port}"
+                out = [
+                    r for r in mine if r.get("direction") == "outbound" and r.get("src.addr") == app
+                ]
+                if out:
+                    trace = out[-1].get("trace")
+                    mine = out + [
+                        r
+                        for r in mine
+                        if r.get("direction") == "inbound" and trace and r.get("trace") == trace
+                    ]
+                else:
+                    mine = []
+            for r in mine:
                 if r.get("direction") == "outbound":
                     c.out_rec = r
                 elif r.get("direction") == "inbound":
@@ -889,7 +948,7 @@ class _MetricsPoller:
     def __init__(self, daemons: Sequence[Ztund], interval: float = 0.5) -> None:
         self.daemons = list(daemons)
         self.interval = interval
-        self._ids: dict[tuple[str, str], dict[str, str]] = {}
+        self._ids: dict[tuple[str, str, bool], dict[str, str]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="demo-metrics", daemon=True)
@@ -914,12 +973,14 @@ class _MetricsPoller:
                 for fam in text_string_to_metric_families(text):
                     for smp in fam.samples:
                         lb = smp.labels
-                        if (
-                            smp.name != "istio_tcp_connections_opened_total"
-                            or lb.get("reporter") != "destination"
-                        ):
+                        if smp.name != "istio_tcp_connections_opened_total":
                             continue
-                        pair = (lb["source_workload"], lb["destination_workload"])
+                        # over HBONE: the destination's view (the client certificate it
+                        # verified); a same-node route is seen by the source only
+                        mtls = lb.get("connection_security_policy") == "mutual_tls"
+                        if lb.get("reporter") != ("destination" if mtls else "source"):
+                            continue
+                        pair = (lb["source_workload"], lb["destination_workload"], mtls)
                         with self._lock:
                             self._ids[pair] = {
                                 "src.identity": lb["source_principal"],
@@ -929,7 +990,157 @@ class _MetricsPoller:
     def apply(self, conns: list[DemoConn]) -> None:
         with self._lock:
             for c in conns:
-                c.live = self._ids.get((c.src.name, c.dst.name))
+                c.live = self._ids.get((c.src.name, c.dst.name, not c.direct))
+
+
+class DemoCgroup:
+    """A cgroup v2 of the demo's own, ``<cgroup2 mount>/ztun-demo-<pid hex>``, holding the
+    demo process and so the ztund daemons it starts and the apps' sockets it makes: node-a's
+    accelerator (``engine.accelerateCgroup``) attaches there, never to the cgroup2 root.
+    :meth:`close` moves the demo back where it was and removes the directory."""
+
+    PREFIX = "ztun-demo-"
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.error = ""  # why there is none
+        self._home: str | None = None
+        self._root: str | None = None
+
+    def open(self) -> DemoCgroup:
+        from ztun import bpf
+
+        root = bpf.find_mount("cgroup2")
+        if root is None:
+            self.error = "no cgroup2 file system is mounted (engine.accelerate left off)"
+            return self
+        self._root = str(root)
+        self._cleanup_stale()
+        try:
+            with open("/proc/self/cgroup") as f:
+                home = next((ln[3:].strip() for ln in f if ln.startswith("0::")), None)
+            if home is None:
+                raise OSError("this process has no cgroup v2 membership")
+            path = os.path.join(self._root, f"{self.PREFIX}{os.getpid():x}")
+            os.mkdir(path)
+            self.path = path
+            self._home = os.path.join(self._root, home.lstrip("/"))
+            _write_sysctl(os.path.join(path, "cgroup.procs"), str(os.getpid()))
+        except OSError as e:
+            self.error = (
+                f"cannot put the demo in a cgroup of its own: {e.strerror or e} "
+                "(engine.accelerate left off)"
+            )
+            self.close()
+        return self
+
+    def _cleanup_stale(self) -> None:
+        """Empty ``ztun-demo-*`` cgroups of demos that are gone (killed before cleanup)."""
+        assert self._root is not None
+        with contextlib.suppress(OSError):
+            for name in os.listdir(self._root):
+                if not name.startswith(self.PREFIX):
+                    continue
+                with contextlib.suppress(ValueError, OSError):
+                    if not _pid_alive(int(name[len(self.PREFIX) :], 16)):
+                        os.rmdir(os.path.join(self._root, name))
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Back to the demo's own cgroup, then remove ours (once its processes are gone)."""
+        path, self.path = self.path, None
+        if path is None:
+            return
+        if self._home is not None:
+            with contextlib.suppress(OSError):
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    inside = f.read().split()
+                if str(os.getpid()) in inside:
+                    _write_sysctl(os.path.join(self._home, "cgroup.procs"), str(os.getpid()))
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                os.rmdir(path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                # a child that exited leaves the cgroup once it has been reaped
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+class _Shortcut:
+    """node-a's same-node shortcut (engine.accelerate: auto): whether ztund has it, why
+    not, and its ztun_bpf_* metrics."""
+
+    def __init__(self, daemon: Ztund, note: str = "") -> None:
+        self.daemon = daemon
+        self.asked = not note  # engine.accelerate: auto (else left off, for ``note``)
+        self.on = False
+        self.state = note
+        self.routes: list[str] = []
+        self.values: dict[str, float] = {}
+
+    def probe(self) -> _Shortcut:
+        if self.state:  # the demo did not even ask (no cgroup of its own)
+            return self
+        acc = self.daemon.get_json("/config_dump").get("accelerator", {})
+        self.state = str(acc.get("state", "unknown"))
+        self.routes = list(acc.get("sameNodeRoutes", []))
+        self.on = self.state.startswith("on")
+        return self
+
+    @property
+    def why(self) -> str:
+        return self.state.removeprefix("unavailable: ")
+
+    def scrape(self, text: str, workload: str) -> None:
+        self.values = {
+            "active": metric_value(text, "ztun_bpf_accelerator_active"),
+            "pairs": metric_value(text, "ztun_bpf_pairs_total", workload=workload),
+            "direct": metric_value(text, "ztun_bpf_direct_bytes_total", workload=workload),
+            "pair_redirect": metric_value(text, "ztun_bpf_events_total", event="pair_redirect"),
+            "hop_redirect": metric_value(text, "ztun_bpf_events_total", event="hop_redirect"),
+        }
+
+    def check(self, conns: list[DemoConn]) -> list[str]:
+        v = self.values
+        node = self.daemon.node.name
+        direct = [c for c in conns if c.direct]
+        if not self.on:
+            if v.get("active", 0) != 0:
+                return [f"{node}: ztun_bpf_accelerator_active=1 but the shortcut is off"]
+            return []
+        problems = []
+        if v.get("active") != 1:
+            problems.append(f"{node}: ztun_bpf_accelerator_active={v.get('active', 0):.0f}")
+        if direct and (v.get("pairs", 0) < len(direct) or v.get("direct", 0) <= 0):
+            problems.append(
+                f"{node}: {v.get('pairs', 0):.0f} same-node pairs and "
+                f"{v.get('direct', 0):.0f} bytes carried by the kernel, expected "
+                f"{len(direct)} and more than 0"
+            )
+        return problems
+
+    def line(self, conns: list[DemoConn]) -> str:
+        node = self.daemon.node.name
+        if not self.on:
+            how = "engine.accelerate: auto fell back to" if self.asked else "ztund used"
+            return (
+                f"[yellow]kernel shortcut on {node}: unavailable ({self.why});\n"
+                f"  {how} HBONE (mTLS) for the same-node route; "
+                f"ztun_bpf_accelerator_active {self.values.get('active', 0):.0f}[/]"
+            )
+        total = sum(2 * c.size for c in conns if c.direct)
+        v = self.values
+        return (
+            f"kernel shortcut on {node} (ztun_bpf_* from its /metrics): accelerator_active "
+            f"{v['active']:.0f}, pairs_total {v['pairs']:.0f},\n"
+            f"  direct_bytes_total {_human(v['direct'])} (of the {_human(total)} row 4 moved "
+            f"both ways), events: pair_redirect {v['pair_redirect']:.0f}, "
+            f"hop_redirect {v['hop_redirect']:.0f}"
+        )
 
 
 _STATE_STYLE = {"verified": "green", "refused": "red", "failed": "bold red"}
@@ -960,7 +1171,15 @@ def _conn_table(conns: list[DemoConn]) -> Any:
             if c.same_node
             else f"{c.src.node.name} → {c.dst.node.name}"
         )
+        if c.direct:
+            hop = "kernel shortcut\n  (sockmap)"
+        elif c.shortcut is False:
+            hop = f"{c.dst.ip}:{HBONE_PORT}\n  (no shortcut)"
+        else:
+            hop = f"{c.dst.ip}:{HBONE_PORT}"
         ids = f"{_short_id(c.src_identity)}\n→ {_short_id(c.dst_identity)}"
+        if c.direct:
+            ids += "\n[dim](config, no mTLS)[/]"
         up, down = c.tunnel_bytes()
         if c.decision == "allow":
             dec = f"[green]ALLOW[/]\n{c.policy or ''}"
@@ -972,10 +1191,11 @@ def _conn_table(conns: list[DemoConn]) -> Any:
         result = f"[{style}]{c.state}[/]"
         if c.done:
             result += f"\n[dim]{_result_detail(c)}[/]"
+        entry = "\n[dim]via SOCKS5[/]" if c.socks else ""
         t.add_row(
             str(c.n),
-            f"{c.src.key} →\n{c.target}",
-            f"{nodes}\n⇒ {c.dst.ip}:{HBONE_PORT}",
+            f"{c.src.key} →\n{c.target}{entry}",
+            f"{nodes}\n⇒ {hop}",
             ids,
             f"↑ {_human(up)}\n↓ {_human(down)}",
             dec,
@@ -989,8 +1209,26 @@ def _verdict(c: DemoConn) -> tuple[bool, str]:
     head = f"{c.n} {c.src.key} → {c.target} ({c.route}): "
     if c.expect_allowed:
         ok = c.verified and c.decision == "allow" and c.logged
+        route = c.out_rec.get("route") if c.out_rec is not None else None
+        if ok and c.direct and (route != "same_node" or c.in_rec is not None):
+            return False, (
+                f"{head}expected a same-node route (kernel shortcut), the access log says "
+                f"route={route}{' and has a destination line' if c.in_rec else ''}"
+            )
+        if ok and not c.direct and route is not None:
+            return False, f"{head}expected HBONE, the access log says route={route}"
         if ok:
-            return True, (f"{head}ALLOW by {c.policy}; {_human(c.size)} each way, SHA-256 verified")
+            how = ""
+            if c.direct:
+                how = (
+                    f"\n  judged by {c.src.node.name}'s ztund at the source, then app ⇄ app "
+                    "in the kernel (sockmap): no TLS, no HBONE, no copy through ztun"
+                )
+            elif c.shortcut is False:
+                how = f"\n  over HBONE (mTLS), the kernel shortcut unavailable: {c.shortcut_note}"
+            return True, (
+                f"{head}ALLOW by {c.policy}; {_human(c.size)} each way, SHA-256 verified{how}"
+            )
         return False, f"{head}expected ALLOW and an intact echo, got {_outcome(c)}"
     ok = c.state == "refused" and c.decision == "deny" and c.received == 0
     if ok:
@@ -1026,10 +1264,18 @@ _METRIC_FAMILIES = {
 _RowKey = tuple[str, str, str, str, str]  # src, dst, node, reporter, security
 
 
-def _metrics_rows(texts: dict[str, str], order: Sequence[tuple[str, str]] = ()) -> list[list[str]]:
+def _security(label: str) -> str:
+    """``connection_security_policy`` as the tables show it."""
+    return "mTLS" if label == "mutual_tls" else label
+
+
+def _metrics_rows(
+    texts: dict[str, str], order: Sequence[tuple[str, str, str]] = ()
+) -> list[list[str]]:
     """One row per (source → destination, node, reporter, security) of the istio_tcp_*
     families scraped from the daemons (``texts``: node name -> /metrics text), the rows
-    of one workload pair together, source side first. A connection's opening is counted
+    of one workload pair and security together (in ``order``: source, destination,
+    security as shown), source side first. A connection's opening is counted
     under ``response_flags="-"`` and its close under its final flags (ztunnel's way);
     the row merges them and shows the close flags."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -1043,7 +1289,7 @@ def _metrics_rows(texts: dict[str, str], order: Sequence[tuple[str, str]] = ()) 
                 if col is None:
                     continue
                 lb = smp.labels
-                sec = "mTLS" if lb["connection_security_policy"] == "mutual_tls" else "plain"
+                sec = _security(lb["connection_security_policy"])
                 key = (
                     lb["source_workload"],
                     lb["destination_workload"],
@@ -1055,10 +1301,12 @@ def _metrics_rows(texts: dict[str, str], order: Sequence[tuple[str, str]] = ()) 
                 row[col] = row.get(col, 0.0) + smp.value
                 if col == "closed" and smp.value:
                     flags.setdefault(key, set()).add(lb["response_flags"])
-    rank = {pair: i for i, pair in enumerate(order)}
+    rank: dict[tuple[str, str, str], int] = {}
+    for i, group in enumerate(order):
+        rank.setdefault(group, i)
 
     def sort_key(k: _RowKey) -> tuple[Any, ...]:
-        return (rank.get((k[0], k[1]), len(rank)), k[0], k[1], k[3] != "source", k[2], k[4])
+        return (rank.get((k[0], k[1], k[4]), len(rank)), k[0], k[1], k[4], k[3] != "source", k[2])
 
     out = []
     for key in sorted(rows, key=sort_key):
@@ -1115,7 +1363,11 @@ PATH_LEGEND = (
     "  ═ HBONE: HTTP/2 CONNECT over mTLS 1.3 to the destination workload's IP:15008 ═▶ "
     "its engine (own certificate)\n"
     "  checks the AuthorizationPolicies → dials the app. Identities are "
-    "spiffe://cluster.local/…, verified by both ends.[/]"
+    "spiffe://cluster.local/…, verified by both ends.\n"
+    "  #4: SOCKS5 (127.0.0.1:15080) to db's IP is a same-node route (engine.accelerate: "
+    "auto): the source's ztund checks db's\n"
+    "  policies, then pairs the two apps' sockets: the kernel moves the bytes app ⇄ app "
+    "(eBPF sockmap, sk_msg redirect).[/]"
 )
 
 
@@ -1143,9 +1395,13 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
     servers: dict[str, EchoServer] = {}
     conns: list[DemoConn] = []
     cluster: Cluster | None = None
+    cgroup = DemoCgroup()
     ok = False
     try:
         con.rule("[bold]ztun demo: two nodes, three workloads, a ztund on each node")
+        # First, before anything makes a socket or a process: the accelerator sees only
+        # the sockets of processes in its cgroup.
+        cgroup.open()
         cluster = Cluster("demo")
         a, b = cluster.add_nodes("node-a", "node-b")
         client = cluster.add_workload(a, "client")
@@ -1165,7 +1421,12 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
             DemoConn(1, client, api, 9080, 8080, True, size),
             DemoConn(2, client, db, 9081, 5432, True, size),
             DemoConn(3, api, db, 9082, 5432, False, size),
+            DemoConn(4, client, db, SOCKS5_PORT, 5432, True, size, socks=True),
         ]
+        # node-a's same-node routes may take the kernel shortcut, where it can be had
+        accel: dict[str, Any] = {}
+        if cgroup.path is not None:
+            accel = {"engine": {"accelerate": "auto", "accelerateCgroup": cgroup.path}}
         logs = _AccessLogs()
         for node in cluster.nodes:
             path = work / f"{node.name}.yaml"
@@ -1179,6 +1440,7 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
                     policies=[str(pol_dir)],
                     forwards=forwards,
                     drain_timeout="10s",
+                    extra=accel if node is a else None,
                 ),
             )
             daemons.append(
@@ -1191,9 +1453,21 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
             f"ztund ready on both nodes in {time.monotonic() - t_start:.1f} s: certificates "
             "issued, :15008 open inside every workload, policies in force"
         )
+        shortcut = _Shortcut(daemons[0], cgroup.error if cgroup.path is None else "").probe()
+        for c in conns:
+            if c.socks and c.same_node:
+                c.shortcut, c.shortcut_note = shortcut.on, shortcut.why
+        if shortcut.on:
+            con.print(
+                f"node-a: eBPF sockmap accelerator on (the demo's cgroup "
+                f"{os.path.basename(cgroup.path or '')}); same-node routes: "
+                + ", ".join(shortcut.routes)
+            )
+        else:
+            con.print(f"[yellow]node-a: kernel shortcut unavailable: {shortcut.why}[/]")
         servers = {
-            "api": EchoServer(api.listen(8080)),
-            "db": EchoServer(db.listen(5432)),
+            "api": EchoServer(api.listen(8080), timeout=TRAFFIC_TIMEOUT),
+            "db": EchoServer(db.listen(5432), timeout=TRAFFIC_TIMEOUT),
         }
         con.print(PATH_LEGEND)
 
@@ -1235,7 +1509,8 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
             title_justify="left",
             title_style="bold",
             caption="received: client → server bytes, sent: server → client; "
-            "flags: response_flags of the closes",
+            "flags: response_flags of the closes;\nsecurity: connection_security_policy "
+            "(unknown for a same-node route: no certificate exchanged)",
             caption_justify="left",
         )
         mt.add_column("source → destination")
@@ -1244,17 +1519,25 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
         for col in ("opened", "closed", "failed", "received", "sent"):
             mt.add_column(col, justify="right")
         mt.add_column("flags")
-        for row in _metrics_rows(texts, [(c.src.name, c.dst.name) for c in conns]):
+        order = [(c.src.name, c.dst.name, _security(_series(c)[0][2])) for c in conns]
+        for row in _metrics_rows(texts, order):
             mt.add_row(*row)
         con.print(mt)
+        shortcut.scrape(texts[shortcut.daemon.node.name], client.key)
+        con.print(shortcut.line(conns))
 
-        problems = _check(conns, texts, servers)
+        problems = _check(conns, texts, servers, shortcut)
         for p in problems:
             con.print(f"[bold red]✗ {p}[/]")
         if not problems:
+            allowed = sum(1 for c in conns if c.expect_allowed)
+            denied = len(conns) - allowed
+            n_direct = sum(1 for c in conns if c.direct)
+            how = f"{n_direct} by the kernel shortcut" if n_direct else "all over HBONE"
             con.print(
-                f"[bold green]✓ as expected: 2 allowed and verified end to end, 1 "
-                f"denied by policy, metrics equal to the bytes (traffic {traffic_s:.1f} s)[/]"
+                f"[bold green]✓ as expected: {allowed} allowed and verified ({how}), "
+                f"{denied} denied by policy, metrics match the bytes "
+                f"(traffic {traffic_s:.1f} s)[/]"
             )
         ok = not problems
     except KeyboardInterrupt:
@@ -1281,6 +1564,11 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
             except Exception as e:
                 con.print(f"[red]cleanup: {e}[/]")
                 ok = False
+        try:
+            cgroup.close()
+        except OSError as e:
+            con.print(f"[red]cleanup: cgroup: {e}[/]")
+            ok = False
         if own_dir and ok:
             shutil.rmtree(work, ignore_errors=True)
         elif daemons:
@@ -1289,44 +1577,86 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
             con.print(
                 "ztund drained and exited (SIGTERM): "
                 + ", ".join(f"{n} → {c}" for n, c in codes)
-                + f"; namespaces removed; {time.monotonic() - t0:.1f} s in all"
+                + "; namespaces"
+                + (" and cgroup" if cgroup.error == "" else "")
+                + f" removed; {time.monotonic() - t0:.1f} s in all"
             )
         if any(c != 0 for _, c in codes):
             ok = False
     return 0 if ok else 1
 
 
+def _series(c: DemoConn) -> list[tuple[str, str, str]]:
+    """The (node, reporter, connection_security_policy) series a connection is counted in:
+    both sides over HBONE; a same-node route on the source's node only, never mTLS."""
+    if c.direct:
+        return [(c.src.node.name, "source", "unknown")]
+    return [
+        (c.src.node.name, "source", "mutual_tls"),
+        (c.dst.node.name, "destination", "mutual_tls"),
+    ]
+
+
 def _check(
-    conns: list[DemoConn], texts: dict[str, str], servers: dict[str, EchoServer]
+    conns: list[DemoConn],
+    texts: dict[str, str],
+    servers: dict[str, EchoServer],
+    shortcut: _Shortcut | None = None,
 ) -> list[str]:
     """Everything the demo claims, checked: outcomes, access logs, metrics, the apps."""
     problems = []
+    # What each series should hold: connections closed (by their final flags) and bytes.
+    want: dict[tuple[str, str, str, str, str, str], list[int]] = {}
     for c in conns:
         good, line = _verdict(c)
         if not good:
             problems.append(f"connection {line}")
             continue
         flags = "-" if c.expect_allowed else "DENY"
-        want_bytes = c.size if c.expect_allowed else 0
-        # Both reporters count the connection, under its final flags, with its bytes.
-        for reporter, node in (("source", c.src.node.name), ("destination", c.dst.node.name)):
-            pair = {
-                "reporter": reporter,
-                "source_workload": c.src.name,
-                "destination_workload": c.dst.name,
-            }
-            closed = metric_value(
-                texts[node], "istio_tcp_connections_closed_total", response_flags=flags, **pair
+        nbytes = c.size if c.expect_allowed else 0
+        for node, reporter, security in _series(c):
+            w = want.setdefault((node, reporter, security, c.src.name, c.dst.name, flags), [0, 0])
+            w[0] += 1
+            w[1] += nbytes
+    # Both reporters count each HBONE connection, under its final flags, with its bytes.
+    for (node, reporter, security, src, dst, flags), (n, nbytes) in want.items():
+        pair = {
+            "reporter": reporter,
+            "source_workload": src,
+            "destination_workload": dst,
+            "connection_security_policy": security,
+        }
+        closed = metric_value(
+            texts[node], "istio_tcp_connections_closed_total", response_flags=flags, **pair
+        )
+        got = metric_value(texts[node], "istio_tcp_received_bytes_total", **pair)
+        sent = metric_value(texts[node], "istio_tcp_sent_bytes_total", **pair)
+        if closed != n or got != nbytes or sent != nbytes:
+            problems.append(
+                f"{src} → {dst}: {node} reporter={reporter} security={security}: "
+                f"closed{{flags={flags}}}={closed:.0f} received={got:.0f} sent={sent:.0f}, "
+                f"expected {n}, {nbytes} and {nbytes}"
             )
-            got = metric_value(texts[node], "istio_tcp_received_bytes_total", **pair)
-            sent = metric_value(texts[node], "istio_tcp_sent_bytes_total", **pair)
-            if closed != 1 or got != want_bytes or sent != want_bytes:
-                problems.append(
-                    f"connection {c.n}: {node} reporter={reporter}: closed{{flags={flags}}}="
-                    f"{closed:.0f} received={got:.0f} sent={sent:.0f}, expected 1, "
-                    f"{want_bytes} and {want_bytes}"
-                )
-    # The denied connection never reached db's app: db accepted the client's only.
+    # A same-node route is no connection of the destination's ztund, and never mTLS.
+    for c in conns:
+        if not c.direct:
+            continue
+        other = metric_value(
+            texts[c.src.node.name],
+            "istio_tcp_connections_opened_total",
+            source_workload=c.src.name,
+            destination_workload=c.dst.name,
+            reporter="destination",
+        )
+        mtls_n = sum(1 for d in conns if (d.src, d.dst) == (c.src, c.dst) and not d.direct)
+        if other != mtls_n:
+            problems.append(
+                f"connection {c.n}: {c.dst.key}'s side counted {other:.0f} connections from "
+                f"{c.src.key}, expected {mtls_n} (the HBONE ones only)"
+            )
+    if shortcut is not None:
+        problems += shortcut.check(conns)
+    # The denied connection never reached db's app: db accepted the allowed ones only.
     db_conns = sum(1 for c in conns if c.dst.name == "db" and c.expect_allowed)
     if "db" in servers and servers["db"].accepted != db_conns:
         problems.append(
