@@ -1,7 +1,8 @@
 """``make demo``'s entry point, run as the user runs it (``python -m ztun.demo``): it exits
-0, prints the three outcomes (two connections allowed and verified, one denied by the
-policy that decided) in its table, its verdict lines and its metrics, and leaves nothing
-behind."""
+0, prints the four outcomes (three connections allowed and verified, one denied by the
+policy that decided; the fourth, client -> db through SOCKS5, by the kernel shortcut where
+eBPF is available, else over HBONE with the reason) in its table, its verdict lines and
+its metrics, and leaves nothing behind (namespaces, its cgroup)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import sys
 import time
 
 import pytest
-from harness.caps import require
+from harness.caps import in_ci, require
+
+from ztun import bpf
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.slow]
 
@@ -44,6 +47,11 @@ def _col(row: list[list[str]], i: int) -> list[str]:
 @pytest.mark.timeout(150)
 def test_make_demo_entry_point() -> None:
     require("netns")
+    # The kernel shortcut is expected wherever the sockmap programs can run; under CI
+    # they must (a demo that always fell back would pass otherwise).
+    shortcut, why = bpf.available()
+    if not shortcut and in_ci():
+        pytest.fail(f"sockmap unavailable under CI: {why}")
     t0 = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "ztun.demo", "--size", str(SIZE_MIB)],
@@ -66,6 +74,10 @@ def test_make_demo_entry_point() -> None:
     names = os.listdir("/run/netns") if os.path.isdir("/run/netns") else []
     left = [n for n in names if n.startswith(mine)]
     assert not left, f"namespaces left behind: {left}"
+    cg_root = bpf.find_mount("cgroup2")
+    if cg_root is not None:
+        cg = cg_root / f"ztun-demo-{proc.pid:x}"
+        assert not cg.exists(), f"cgroup left behind: {cg}"
     r = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     out = r.stdout
     assert r.returncode == 0, out + r.stderr
@@ -81,6 +93,13 @@ def test_make_demo_entry_point() -> None:
         rf"{size} each way, SHA-256 verified",
         r"✓ 3 demo/api → demo/db:5432 \(cross-node\): DENY by demo/deny-api-to-db; "
         r"CONNECT → 401, 0 B reached demo/db",
+        rf"✓ 4 demo/client → demo/db:5432 \(same node, SOCKS5\): ALLOW by "
+        rf"demo/db-allow-client; {size} each way, SHA-256 verified\n  "
+        + (
+            r"judged by node-a's ztund at the source, then app ⇄ app in the kernel"
+            if shortcut
+            else r"over HBONE \(mTLS\), the kernel shortcut unavailable: "
+        ),
     ):
         assert re.search(want, out), f"missing {want!r} in:\n{out}"
 
@@ -89,7 +108,7 @@ def test_make_demo_entry_point() -> None:
     assert header == [
         "#", "connection", "path", "identities (mTLS)", "bytes ↑ / ↓", "decision", "result",
     ]  # fmt: skip
-    assert [row[0][0] for row in rows] == ["1", "2", "3"]
+    assert [row[0][0] for row in rows] == ["1", "2", "3", "4"]
     for row in rows:
         for i, name in enumerate(header):
             assert _col(row, i), f"empty column {name!r} in row {row}"
@@ -100,24 +119,64 @@ def test_make_demo_entry_point() -> None:
          "demo/db-allow-client", "verified", f"↑ {size}"),
         ("node-b → node-a", "ns/demo/sa/api", "→ ns/demo/sa/db", "DENY",
          "demo/deny-api-to-db", "refused", "↑ 0 B"),
+        ("node-a (same node)", "ns/demo/sa/client", "→ ns/demo/sa/db", "ALLOW",
+         "demo/db-allow-client", "verified", f"↑ {size}"),
     ]  # fmt: skip
     for row, (path, src_id, dst_id, decision, policy, result, up) in zip(rows, expect, strict=True):
         assert _col(row, 2)[0] == path
-        assert _col(row, 3) == [src_id, dst_id]
+        assert _col(row, 3)[:2] == [src_id, dst_id]
         assert _col(row, 4)[0] == up
         assert _col(row, 5) == [decision, policy]
         assert _col(row, 6)[0] == result
     assert _col(rows[2], 6)[1] == "401 → app reset"
+    # Rows 1-3 over HBONE, row 2 the same-node one; row 4 through SOCKS5, by the shortcut.
+    for row in rows[:3]:
+        assert _col(row, 2)[1].endswith(":15008"), row
+        assert len(_col(row, 3)) == 2, row
+    assert _col(rows[3], 1)[2] == "via SOCKS5"
+    if shortcut:
+        assert _col(rows[3], 2)[1:] == ["⇒ kernel shortcut", "(sockmap)"]
+        assert _col(rows[3], 3)[2] == "(config, no mTLS)"
+    else:
+        assert _col(rows[3], 2)[1:] == ["⇒ 198.18.1.12:15008", "(no shortcut)"]
 
     # The metrics, both reporters of each connection; the denied one closed with DENY.
     _, mrows = _table_rows(out, "source → destination")
     flat = [" | ".join(row[0]) for row in mrows]
-    for want in (
+    if shortcut:
+        # row 4 on its own: the source's ztund only, not mTLS
+        db_rows = [
+            f"client → db | node-a (source) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
+            f"client → db | node-a (destination) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
+            f"client → db | node-a (source) | unknown | 1 | 1 | 0 | {size} | {size} | -",
+        ]
+    else:  # rows 2 and 4 both over HBONE
+        two = f"{2 * SIZE_MIB:.1f} MiB"
+        db_rows = [
+            f"client → db | node-a (source) | mTLS | 2 | 2 | 0 | {two} | {two} | -",
+            f"client → db | node-a (destination) | mTLS | 2 | 2 | 0 | {two} | {two} | -",
+        ]
+    assert flat == [
         f"client → api | node-a (source) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
         f"client → api | node-b (destination) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
-        f"client → db | node-a (destination) | mTLS | 1 | 1 | 0 | {size} | {size} | -",
+        *db_rows[:2],
         "api → db | node-b (source) | mTLS | 1 | 1 | 1 | 0 B | 0 B | DENY",
         "api → db | node-a (destination) | mTLS | 1 | 1 | 1 | 0 B | 0 B | DENY",
-    ):
-        assert want in flat, f"missing metrics row {want!r} in {flat}"
+        *db_rows[2:],
+    ], flat
+
+    # The shortcut's own metrics (node-a's ztun_bpf_*): one pair, bytes through the kernel.
+    if shortcut:
+        m = re.search(
+            r"accelerator_active 1, pairs_total (\d+),\n\s+direct_bytes_total ([\d.]+) (\w+) "
+            rf"\(of the {2 * SIZE_MIB:.1f} MiB row 4 moved both ways\), events: "
+            r"pair_redirect (\d+)",
+            out,
+        )
+        assert m, out
+        assert int(m.group(1)) == 1 and float(m.group(2)) > 0 and int(m.group(4)) > 0, m.group(0)
+        assert "3 allowed and verified (1 by the kernel shortcut), 1 denied by policy" in out
+    else:
+        assert "kernel shortcut on node-a: unavailable (" in out
+        assert "3 allowed and verified (all over HBONE), 1 denied by policy" in out
     assert "node-a → 0, node-b → 0" in out
