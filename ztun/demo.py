@@ -1536,7 +1536,7 @@ def run_demo(*, size: int = 128 << 20, console: Any = None, workdir: str | None 
             how = f"{n_direct} by the kernel shortcut" if n_direct else "all over HBONE"
             con.print(
                 f"[bold green]✓ as expected: {allowed} allowed and verified ({how}), "
-                f"{denied} denied by policy, metrics match the bytes "
+                f"{denied} denied, metrics match the bytes "
                 f"(traffic {traffic_s:.1f} s)[/]"
             )
         ok = not problems

@@ -175,8 +175,8 @@ def test_make_demo_entry_point() -> None:
         )
         assert m, out
         assert int(m.group(1)) == 1 and float(m.group(2)) > 0 and int(m.group(4)) > 0, m.group(0)
-        assert "3 allowed and verified (1 by the kernel shortcut), 1 denied by policy" in out
+        assert "3 allowed and verified (1 by the kernel shortcut), 1 denied, metrics match" in out
     else:
         assert "kernel shortcut on node-a: unavailable (" in out
-        assert "3 allowed and verified (all over HBONE), 1 denied by policy" in out
+        assert "3 allowed and verified (all over HBONE), 1 denied, metrics match" in out
     assert "node-a → 0, node-b → 0" in out
