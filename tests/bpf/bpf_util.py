@@ -12,6 +12,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
+# Tests whose socket-level outcome (a reset delivered, a connection accepted) was seen to
+# stall about once in ten runs of this package on the 2-vCPU VM under load, in ways the
+# tests cannot tell apart from the kernel's psock receive path (docs/sockmap.md §4):
+# rerun up to twice. A real regression fails all three runs.
+KERNEL_FLAKY = pytest.mark.flaky(reruns=2, reruns_delay=1)
+
 
 class Procs:
     """Processes a test starts; all ended (by pid) at teardown. A thread per process

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from bpf_apps import recv_all
+from bpf_util import KERNEL_FLAKY
 from engine_rig import (
     DENY_CLIENT,
     DENY_LOOPBACK,
@@ -208,6 +209,7 @@ def _stream_until_error(
     return errs["a"], errs["b"], len(got), intact
 
 
+@KERNEL_FLAKY
 @pytest.mark.parametrize("name", PAIRED)
 def test_policy_change_resets_a_paired_connection(name: str, joined_cgroup: Path) -> None:
     """set_policy() denying a live paired connection: the engine ends the pair, then resets

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bpf_util import Procs, bpftool_json, cgroup_attachments, free_port, wait_gone
+from bpf_util import KERNEL_FLAKY, Procs, bpftool_json, cgroup_attachments, free_port, wait_gone
 from engine_rig import Maps
 
 from ztun import bpf
@@ -97,6 +97,7 @@ def _hop(acc: bpf.SockmapAccelerator) -> tuple[socket.socket, socket.socket, soc
     return ls, a, b
 
 
+@KERNEL_FLAKY
 @pytest.mark.parametrize("live", [False, True])
 def test_sigkilled_loader_leaves_nothing(
     live: bool, ztrelay: Path, procs: Procs, joined_cgroup: Path

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from bpf_apps import recv_all
-from bpf_util import Procs, free_port, relay_lines
+from bpf_util import KERNEL_FLAKY, Procs, free_port, relay_lines
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf]
 
@@ -203,6 +203,7 @@ def _stream_until_error(
     return errs["a"], errs["b"], len(got), intact
 
 
+@KERNEL_FLAKY
 @pytest.mark.parametrize("how", ["sigkill", "policy"])
 def test_ztun_gone_mid_transfer_is_an_error(
     how: str, ztrelay: Path, procs: Procs, joined_cgroup: Path
