@@ -10,6 +10,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,48 @@ def drain_check(b: socket.socket, n: int, timeout: float) -> None:
         got.extend(d)
     whole, rest = divmod(n, len(BLOCK))
     assert bytes(got) == BLOCK * whole + BLOCK[:rest], "bytes lost, reordered or corrupted"
+
+
+def stream_until_error(
+    a: socket.socket, b: socket.socket, stop_after: float, kill: Callable[[], object]
+) -> tuple[str, str, int, bool]:
+    """a streams the BLOCK pattern to b; after stop_after seconds kill() runs. Returns (a's
+    error, b's error, bytes b got, whether b's bytes are an intact prefix)."""
+    errs = {"a": "", "b": ""}
+    got = bytearray()
+    a.settimeout(30)
+    b.settimeout(30)
+
+    def writer() -> None:
+        try:
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                a.sendall(BLOCK)
+            errs["a"] = "still writing after 30 s"
+        except OSError as e:
+            errs["a"] = type(e).__name__
+
+    def reader() -> None:
+        try:
+            while True:
+                try:
+                    d = b.recv(1 << 20)
+                except BlockingIOError:  # kernel quirk of psock sockets, see bpf_apps
+                    continue
+                if not d:
+                    errs["b"] = "EOF"
+                    return
+                got.extend(d)
+        except OSError as e:
+            errs["b"] = type(e).__name__
+
+    ts = [threading.Thread(target=writer), threading.Thread(target=reader)]
+    for t in ts:
+        t.start()
+    time.sleep(stop_after)
+    kill()
+    for t in ts:
+        t.join(40)
+    whole, rest = divmod(len(got), len(BLOCK))
+    intact = bytes(got) == BLOCK * whole + BLOCK[:rest]
+    return errs["a"], errs["b"], len(got), intact

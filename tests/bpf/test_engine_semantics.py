@@ -18,14 +18,14 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from bpf_apps import recv_all
-from bpf_util import KERNEL_FLAKY
+from bpf_util import KERNEL_FLAKY, stream_until_error
 from engine_rig import (
     DENY_CLIENT,
     DENY_LOOPBACK,
@@ -161,54 +161,6 @@ def test_close_with_data_queued_delivers_everything(name: str, joined_cgroup: Pa
         assert 0 < s.bpf_direct_bytes < s.bytes_sent, s
 
 
-BLOCK = bytes(range(256)) * 256  # a counting pattern: any loss or reordering shows
-
-
-def _stream_until_error(
-    a: socket.socket, b: socket.socket, stop_after: float, kill: Callable[[], object]
-) -> tuple[str, str, int, bool]:
-    """a streams the pattern to b; after stop_after seconds kill() runs. Returns (a's
-    error, b's error, bytes b got, whether b's bytes are an intact prefix)."""
-    errs = {"a": "", "b": ""}
-    got = bytearray()
-    a.settimeout(30)
-    b.settimeout(30)
-
-    def writer() -> None:
-        try:
-            end = time.monotonic() + 30
-            while time.monotonic() < end:
-                a.sendall(BLOCK)
-            errs["a"] = "still writing after 30 s"
-        except OSError as e:
-            errs["a"] = type(e).__name__
-
-    def reader() -> None:
-        try:
-            while True:
-                try:
-                    d = b.recv(1 << 20)
-                except BlockingIOError:  # kernel quirk of psock sockets, see bpf_apps
-                    continue
-                if not d:
-                    errs["b"] = "EOF"
-                    return
-                got.extend(d)
-        except OSError as e:
-            errs["b"] = type(e).__name__
-
-    ts = [threading.Thread(target=writer), threading.Thread(target=reader)]
-    for t in ts:
-        t.start()
-    time.sleep(stop_after)
-    kill()
-    for t in ts:
-        t.join(40)
-    whole, rest = divmod(len(got), len(BLOCK))
-    intact = bytes(got) == BLOCK * whole + BLOCK[:rest]
-    return errs["a"], errs["b"], len(got), intact
-
-
 @KERNEL_FLAKY
 @pytest.mark.parametrize("name", PAIRED)
 def test_policy_change_resets_a_paired_connection(name: str, joined_cgroup: Path) -> None:
@@ -221,7 +173,7 @@ def test_policy_change_resets_a_paired_connection(name: str, joined_cgroup: Path
         t = r.r.entry
         assert t.stats().bpf_pairs == 1 and maps.routes() == 2  # one route per direction
         with a, b:
-            ea, eb, n, intact = _stream_until_error(a, b, 0.5, lambda: t.set_policy(deny))
+            ea, eb, n, intact = stream_until_error(a, b, 0.5, lambda: t.set_policy(deny))
         r.r.wait_idle()
         s = t.stats()
         routes_left = maps.routes()
@@ -276,7 +228,7 @@ def test_ztun_killed_mid_transfer_is_an_error(name: str, joined_cgroup: Path) ->
         with a, b:
             a.sendall(b"?")
             assert recv_all(b, 1)[1] == 1
-            ea, eb, n, intact = _stream_until_error(
+            ea, eb, n, intact = stream_until_error(
                 a, b, 0.5, lambda: child.send_signal(signal.SIGKILL)
             )
     finally:

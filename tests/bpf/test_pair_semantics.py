@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from bpf_apps import recv_all
-from bpf_util import KERNEL_FLAKY, Procs, free_port, relay_lines
+from bpf_util import KERNEL_FLAKY, Procs, free_port, relay_lines, stream_until_error
 
 pytestmark = [pytest.mark.needs_root, pytest.mark.needs_bpf]
 
@@ -159,50 +159,6 @@ def test_close_with_data_queued_delivers_everything(
     assert sum(lines[0]["direct"]) > 0 and sum(lines[0]["relayed"]) > 0, lines  # type: ignore[arg-type]
 
 
-def _stream_until_error(
-    a: socket.socket, b: socket.socket, stop_after: float, kill: object
-) -> tuple[str, str, int, bool]:
-    """a streams a counting pattern to b; after stop_after seconds kill() runs. Returns
-    (a's error, b's error, bytes b got, whether b's bytes are an intact prefix)."""
-    block = bytes(range(256)) * 256
-    errs = {"a": "", "b": ""}
-    got = bytearray()
-
-    def writer() -> None:
-        try:
-            end = time.monotonic() + 30
-            while time.monotonic() < end:
-                a.sendall(block)
-            errs["a"] = "still writing after 30 s"
-        except OSError as e:
-            errs["a"] = type(e).__name__
-
-    def reader() -> None:
-        try:
-            while True:
-                try:
-                    d = b.recv(1 << 20)
-                except BlockingIOError:  # kernel quirk of psock sockets, see bpf_apps
-                    continue
-                if not d:
-                    errs["b"] = "EOF"
-                    return
-                got.extend(d)
-        except OSError as e:
-            errs["b"] = type(e).__name__
-
-    ts = [threading.Thread(target=writer), threading.Thread(target=reader)]
-    for t in ts:
-        t.start()
-    time.sleep(stop_after)
-    kill()  # type: ignore[operator]
-    for t in ts:
-        t.join(40)
-    whole, rest = divmod(len(got), len(block))
-    intact = bytes(got) == block * whole + block[:rest]
-    return errs["a"], errs["b"], len(got), intact
-
-
 @KERNEL_FLAKY
 @pytest.mark.parametrize("how", ["sigkill", "policy"])
 def test_ztun_gone_mid_transfer_is_an_error(
@@ -214,7 +170,7 @@ def test_ztun_gone_mid_transfer_is_an_error(
         a, b = r.connect()
         sig = signal.SIGKILL if how == "sigkill" else signal.SIGUSR1
         with a, b:
-            ea, eb, n, intact = _stream_until_error(a, b, 0.5, lambda: r.relay.send_signal(sig))
+            ea, eb, n, intact = stream_until_error(a, b, 0.5, lambda: r.relay.send_signal(sig))
         if how == "policy":
             line = r.lines(1)[0]
             assert line["error"] and sum(line["direct"]) > 0, line  # type: ignore[arg-type]
