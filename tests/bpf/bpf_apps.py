@@ -135,6 +135,7 @@ class HashServer:
 
                 def reader() -> None:
                     try:
+                        self._before_read(c, flags)
                         got["r"] = recv_all(c)
                     except OSError as e:
                         errs.append(repr(e))
@@ -155,6 +156,9 @@ class HashServer:
         with self.done:
             self.results[conn_id] = side
             self.done.notify_all()
+
+    def _before_read(self, c: socket.socket, flags: int) -> None:
+        """Hook: runs in the reader thread before it reads the client's bytes."""
 
     def wait(self, n: int, timeout: float) -> None:
         end = time.monotonic() + timeout

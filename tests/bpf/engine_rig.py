@@ -32,11 +32,8 @@ from typing import Any
 from bpf_apps import (
     CLIENT_AFTER_EOF,
     HEADER,
-    SERVER_AFTER_EOF,
     HashServer,
     Job,
-    Side,
-    _recv_exact,
     recv_all,
     send_random,
 )
@@ -230,39 +227,9 @@ def stall(sock: socket.socket, quiet: float = 0.15, limit: float = 5.0) -> None:
 class StallServer(HashServer):
     """bpf_apps.HashServer that also honours STALL_UP."""
 
-    def _serve(self, c: socket.socket) -> None:
-        side = Side()
-        conn_id = -1
-        with c:
-            try:
-                conn_id, nsend, seed, flags = HEADER.unpack(_recv_exact(c, HEADER.size))
-                got: dict[str, tuple[str, int]] = {}
-                errs: list[str] = []
-
-                def reader() -> None:
-                    try:
-                        if flags & STALL_UP:
-                            stall(c)
-                        got["r"] = recv_all(c)
-                    except OSError as e:
-                        errs.append(repr(e))
-
-                rt = threading.Thread(target=reader)
-                rt.start()
-                if flags & SERVER_AFTER_EOF:
-                    rt.join()
-                side.sent_sha = send_random(c, nsend, seed ^ 0x5A5A, pause=self.pause)
-                side.sent = nsend
-                c.shutdown(socket.SHUT_WR)
-                rt.join()
-                if errs:
-                    raise OSError(f"reader: {errs[0]}")
-                side.recv_sha, side.received = got["r"]
-            except OSError as e:
-                side.error = repr(e)
-        with self.done:
-            self.results[conn_id] = side
-            self.done.notify_all()
+    def _before_read(self, c: socket.socket, flags: int) -> None:
+        if flags & STALL_UP:
+            stall(c)
 
 
 def _send_after(s: socket.socket, first: bytes, total: int, seed: int, pause: float) -> str:
